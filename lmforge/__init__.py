@@ -1,0 +1,3 @@
+"""lmforge: build your own GPT-style language model end to end, predictably."""
+
+__version__ = "0.1.0"

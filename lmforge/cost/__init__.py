@@ -1,0 +1,1 @@
+"""Cost accounting: device peaks, FLOPs, MFU."""

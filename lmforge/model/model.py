@@ -1,0 +1,271 @@
+"""A Llama-architecture decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
+
+One ``depth`` dial sizes the model (width = 64 * depth, head_dim 64); every derived
+size can be overridden explicitly. The module reads top to bottom: config, blocks,
+model, then the small helpers that report parameters and FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 6
+    vocab_size: int = 8192  # 0: take it from the tokenizer
+    context: int = 256
+    # Derived from depth when left at 0.
+    n_layer: int = 0
+    d_model: int = 0
+    n_head: int = 0
+    n_kv_head: int = 0
+    d_ff: int = 0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise LmforgeError(f"model.depth = {self.depth}: must be at least 1")
+        self.n_layer = self.n_layer or self.depth
+        self.d_model = self.d_model or 64 * self.depth
+        self.n_head = self.n_head or max(1, self.d_model // 64)
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.d_model % self.n_head:
+            raise LmforgeError(
+                f"model.n_head = {self.n_head} does not divide model.d_model = {self.d_model}; "
+                f"pick n_head from the divisors of {self.d_model}"
+            )
+        if (self.d_model // self.n_head) % 2:
+            raise LmforgeError(f"model: head size d_model/n_head = {self.d_model // self.n_head} must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            raise LmforgeError(
+                f"model.n_kv_head = {self.n_kv_head} does not divide model.n_head = {self.n_head} (grouped-query attention needs it)"
+            )
+        if not self.d_ff:
+            # SwiGLU at 8/3 width keeps the MLP's parameters equal to a 4x GELU MLP.
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.vocab_size < 0 or self.context < 1:
+            raise LmforgeError("model.vocab_size must be >= 0 (0: take it from the tokenizer) and model.context positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    # Half-split layout (rotate_half), the convention Hugging Face Llama uses, so exports need no permutation.
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # q, k and v share one matmul: fewer, larger GEMMs run closer to peak on small models.
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d_ff = cfg.d_ff
+        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # gate and up in one GEMM
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.d_ff, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.context, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Residual output projections are scaled down with depth (GPT-2) so the residual stream stays O(1).
+        out_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets=None, cache=None, positions=None, attn_mask=None):
+        """Return logits, or the mean cross-entropy when ``targets`` is given.
+
+        ``positions`` (B, T) and ``attn_mask`` serve generation with left-padded batches;
+        training uses neither and takes the fused causal attention path.
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + T > self.cfg.context:
+                raise LmforgeError(f"sequence of {start + T} tokens exceeds model.context = {self.cfg.context}")
+            cos = self.rope_cos[start : start + T][None, None]
+            sin = self.rope_sin[start : start + T][None, None]
+        else:
+            cos = self.rope_cos[positions][:, None]
+            sin = self.rope_sin[positions][:, None]
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache.layer(i) if cache is not None else None, attn_mask)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        return chunked_cross_entropy(x, self.lm_head.weight, targets)
+
+
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean cross-entropy of ``x @ weight.T`` against ``targets`` without holding all fp32 logits.
+
+    At large vocab the full logits tensor dominates activation memory; computing the
+    loss in row chunks keeps only one chunk's logits alive at a time. Targets of -1 are ignored.
+    """
+    x = x.reshape(-1, x.shape[-1])
+    targets = targets.reshape(-1)
+    n_valid = (targets != -1).sum().clamp(min=1)
+    total = x.new_zeros((), dtype=torch.float32)
+    for s in range(0, x.shape[0], chunk):
+        logits = F.linear(x[s : s + chunk], weight)
+        total = total + F.cross_entropy(logits.float(), targets[s : s + chunk], ignore_index=-1, reduction="sum")
+    return total / n_valid
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers for incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+    def layer(self, i: int) -> "_LayerView":
+        return _LayerView(self, i)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class _LayerView:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):
+        c, t0 = self.cache, self.cache.length
+        t1 = t0 + k.shape[2]
+        c.k[self.i][:, :, t0:t1] = k
+        c.v[self.i][:, :, t0:t1] = v
+        return c.k[self.i][:, :, :t1], c.v[self.i][:, :, :t1]
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> GPT:
+    if cfg.vocab_size < 1:
+        raise LmforgeError("model.vocab_size is 0; set it or let `lmforge train` take it from the tokenizer")
+    with torch.device(device):
+        return GPT(cfg)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total and non-embedding parameter counts, computed from the config alone."""
+    d, L = cfg.d_model, cfg.n_layer
+    attn = d * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim * d
+    mlp = 3 * d * cfg.d_ff
+    per_layer = attn + mlp + 2 * d
+    non_embedding = L * per_layer + d
+    emb = cfg.vocab_size * d
+    total = non_embedding + emb + (0 if cfg.tie_embeddings else emb)
+    return {"total": total, "non_embedding": non_embedding, "embedding": emb}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token: 6N plus the attention term 12 * n_layer * seq_len * d_attn.
+
+    N counts every weight that takes part in a matmul: the non-embedding weights and the
+    output projection, but not the input embedding lookup. The attention term counts the
+    score and value matmuls over the full sequence, forward and backward, as PaLM's MFU
+    accounting does (no discount for the causal mask)."""
+    T = seq_len or cfg.context
+    n = param_counts(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model  # lm_head matmul
+    return 6 * n + 12 * cfg.n_layer * T * cfg.n_head * cfg.head_dim

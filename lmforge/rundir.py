@@ -1,0 +1,165 @@
+"""Run directories and their manifest: the contract between pipeline stages.
+
+Every stage writes ``manifest.json`` into its run directory. Later stages read the
+manifests of earlier ones instead of relying on file-name conventions. All writes
+go to a temporary file that is fsynced and renamed, so a crash never leaves a file
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+
+MANIFEST = "manifest.json"
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def hash_file(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return f"{algo}:{h.hexdigest()}"
+
+
+def hash_json(obj: Any) -> str:
+    """A stable hash of a JSON-able object (sorted keys), for configs and indexes."""
+    blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def read_manifest(run_dir: str | os.PathLike, expect_stage: str | None = None) -> dict:
+    """Read a run directory's manifest, with errors that say what is wrong and where."""
+    path = Path(run_dir) / MANIFEST
+    if not Path(run_dir).exists():
+        raise LmforgeError(f"{run_dir}: no such directory")
+    if not path.exists():
+        raise LmforgeError(f"{path}: missing; is {run_dir} an lmforge run directory? Run the stage that makes it first.")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if expect_stage and m.get("stage") != expect_stage:
+        raise LmforgeError(
+            f"{path}: this is a '{m.get('stage')}' run directory, expected a '{expect_stage}' one"
+        )
+    return m
+
+
+class Manifest:
+    """Collects what a stage did and writes it atomically as ``manifest.json``.
+
+    ``update`` may be called repeatedly (for example at each checkpoint) so that a
+    long stage always has an up-to-date manifest with ``status: running``.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.time()
+        self.data: dict[str, Any] = {
+            "stage": stage,
+            "lmforge_version": __version__,
+            "status": "running",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": config or {},
+            "config_hash": hash_json(config or {}),
+            "inputs": {},
+            "outputs": {},
+            "metrics": {},
+            "wall_time_s": 0.0,
+        }
+
+    def add_input(self, name: str, path: str | os.PathLike, content_hash: str | None = None, **extra) -> None:
+        p = Path(path)
+        if content_hash is None:
+            if p.is_file():
+                content_hash = hash_file(p)
+            elif (p / MANIFEST).exists():
+                content_hash = hash_file(p / MANIFEST)
+        self.data["inputs"][name] = {"path": str(p.resolve()), "hash": content_hash, **extra}
+
+    def add_output(self, name: str, path: str | os.PathLike, hash_it: bool = False, **extra) -> None:
+        p = Path(path)
+        entry: dict[str, Any] = {"path": os.path.relpath(p, self.run_dir) if p.is_absolute() or p.exists() else str(p), **extra}
+        if hash_it and p.is_file():
+            entry["hash"] = hash_file(p)
+        self.data["outputs"][name] = entry
+
+    def set_metrics(self, **metrics: Any) -> None:
+        self.data["metrics"].update(metrics)
+
+    def write(self, status: str | None = None) -> Path:
+        if status:
+            self.data["status"] = status
+        self.data["wall_time_s"] = round(time.time() - self._t0, 3)
+        path = self.run_dir / MANIFEST
+        atomic_write_json(path, self.data)
+        return path
+
+    def finish(self) -> Path:
+        return self.write(status="complete")

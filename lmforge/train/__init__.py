@@ -1,0 +1,1 @@
+"""Training: the loop, its schedules, checkpoints and data-parallel wrappers."""

@@ -1,0 +1,61 @@
+"""Deterministic data order: every batch is a pure function of (seed, step, rank).
+
+The train split is cut into non-overlapping windows of ``context + 1`` tokens. Each
+optimizer step consumes ``global_batch`` window ids in order; epoch ``e`` visits the
+windows in a permutation seeded by (seed, e). Because nothing depends on how many
+steps ran before, a resumed run, a replay after rollback, or the same global batch
+split over a different number of ranks all see exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+class BatchSource:
+    def __init__(self, tokens, context: int, seed: int):
+        """``tokens``: an object with ``__len__`` and ``window(offset, length)`` (see lmforge.data.shards)."""
+        self.tokens = tokens
+        self.context = context
+        self.seed = seed
+        self.n_windows = (len(tokens) - 1) // context
+        if self.n_windows < 1:
+            raise ValueError(f"the train split has {len(tokens)} tokens, fewer than one context of {context + 1}")
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def window_ids(self, sample_ids: np.ndarray) -> np.ndarray:
+        epochs, pos = np.divmod(sample_ids, self.n_windows)
+        out = np.empty_like(sample_ids)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._order(int(e))[pos[sel]]
+        return out
+
+    def micro_batch(self, step: int, rank: int, micro: int, *, batch_size: int, grad_accum: int, world: int):
+        """(x, y) int64 tensors of shape (batch_size, context) for one micro-batch."""
+        global_batch = batch_size * grad_accum * world
+        first = step * global_batch + rank * grad_accum * batch_size + micro * batch_size
+        ids = self.window_ids(np.arange(first, first + batch_size, dtype=np.int64))
+        rows = np.stack([self.tokens.window(int(w) * self.context, self.context + 1) for w in ids])
+        t = torch.from_numpy(rows.astype(np.int64))
+        return t[:, :-1], t[:, 1:]
+
+    def epochs_seen(self, steps: int, global_batch: int) -> float:
+        return steps * global_batch / self.n_windows
+
+
+def val_batches(tokens, context: int, batch_size: int, max_batches: int):
+    """The first ``max_batches`` non-overlapping batches of the val split, always the same ones."""
+    n = (len(tokens) - 1) // context
+    n_batches = min(max_batches, n // batch_size) if n >= batch_size else (1 if n else 0)
+    for b in range(n_batches):
+        count = min(batch_size, n - b * batch_size)
+        rows = np.stack([tokens.window((b * batch_size + i) * context, context + 1) for i in range(count)])
+        t = torch.from_numpy(rows.astype(np.int64))
+        yield t[:, :-1], t[:, 1:]

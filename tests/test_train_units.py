@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from lmforge.config import from_dict, parse_overrides
+from lmforge.errors import LmforgeError
+from lmforge.train.batches import BatchSource, val_batches
+from lmforge.train.loop import TrainConfig, config_from_sources
+from lmforge.train.schedule import lr_at
+
+
+class ArrayTokens:
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def window(self, off, n):
+        return self.arr[off : off + n]
+
+
+def test_cosine_and_wsd_schedules():
+    kw = dict(lr=1.0, warmup=10, total=100, min_lr_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(99, **kw, schedule="cosine") == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(50, **kw, schedule="wsd", decay_frac=0.2) == 1.0
+    assert lr_at(90, **kw, schedule="wsd", decay_frac=0.2) == pytest.approx(0.55)
+    vals = [lr_at(s, **kw) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_batches_are_a_pure_function_of_seed_step_rank():
+    src = BatchSource(ArrayTokens(np.arange(10_000)), context=16, seed=3)
+    a = src.micro_batch(7, 0, 0, batch_size=4, grad_accum=1, world=1)[0]
+    fresh = BatchSource(ArrayTokens(np.arange(10_000)), context=16, seed=3)
+    assert torch.equal(a, fresh.micro_batch(7, 0, 0, batch_size=4, grad_accum=1, world=1)[0])
+    other_seed = BatchSource(ArrayTokens(np.arange(10_000)), context=16, seed=4)
+    assert not torch.equal(a, other_seed.micro_batch(7, 0, 0, batch_size=4, grad_accum=1, world=1)[0])
+
+
+def test_global_batch_is_the_same_for_any_split_over_ranks():
+    src = BatchSource(ArrayTokens(np.arange(5_000)), context=8, seed=0)
+    one = src.micro_batch(3, 0, 0, batch_size=8, grad_accum=1, world=1)[0]
+    two = torch.cat([src.micro_batch(3, r, 0, batch_size=4, grad_accum=1, world=2)[0] for r in range(2)])
+    accum = torch.cat([src.micro_batch(3, 0, m, batch_size=2, grad_accum=4, world=1)[0] for m in range(4)])
+    assert torch.equal(one, two) and torch.equal(one, accum)
+
+
+def test_targets_are_inputs_shifted_and_epochs_cover_every_window():
+    src = BatchSource(ArrayTokens(np.arange(1 + 8 * 10)), context=8, seed=1)
+    x, y = src.micro_batch(0, 0, 0, batch_size=10, grad_accum=1, world=1)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert sorted(int(r[0]) for r in x) == [8 * i for i in range(10)]  # one epoch = each window once
+
+
+def test_val_batches_are_fixed():
+    toks = ArrayTokens(np.arange(1000))
+    a = [x for x, _ in val_batches(toks, 16, 4, 3)]
+    b = [x for x, _ in val_batches(toks, 16, 4, 3)]
+    assert len(a) == 3 and all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_config_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(LmforgeError, match="unknown key 'model.dept'"):
+        config_from_sources({"model": {"dept": 3}}, {}, "cfg.toml")
+    with pytest.raises(LmforgeError, match="key 'lr' = 'fast' should be of type float"):
+        config_from_sources({}, parse_overrides(["lr=fast"]), "--set")
+    with pytest.raises(LmforgeError, match="train.schedule"):
+        TrainConfig(schedule="linear")
+    cfg = config_from_sources({"model": {"depth": 3}}, parse_overrides(["lr=1e-3", "model.n_kv_head=1"]), "--set")
+    assert cfg.lr == 1e-3 and cfg.model.depth == 3 and cfg.model.n_kv_head == 1 and cfg.model.vocab_size == 0
+
+
+def test_parse_overrides_requires_key_value():
+    with pytest.raises(LmforgeError, match="--set 'lr'"):
+        parse_overrides(["lr"])
