@@ -34,6 +34,7 @@ def _register() -> None:
     from lmforge.export.cli import export_cmd, import_hf_cmd
     from lmforge.cost.cli import hw_cmd
     from lmforge.pipeline import run_cmd
+    from lmforge.train.status import status_cmd
 
     app.command("run")(run_cmd)
     app.command("data")(data_cmd)
@@ -43,13 +44,19 @@ def _register() -> None:
     app.command("export")(export_cmd)
     app.command("import-hf")(import_hf_cmd)
     app.command("hw")(hw_cmd)
+    app.command("status")(status_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input prints one line and exits 2; LMFORGE_DEBUG=1 shows tracebacks."""
     _register()
+    from lmforge.train.loop import Interrupted
+
     try:
         app(args=argv, standalone_mode=True)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except LmforgeError as e:
         if os.environ.get("LMFORGE_DEBUG"):
             raise

@@ -15,7 +15,7 @@ def train_cmd(
     depth: Optional[int] = typer.Option(None, "--depth", help="Model size dial: width 64*depth, depth layers."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.max_steps)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any key, e.g. --set lr=1e-3 --set model.n_kv_head=2"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest valid checkpoint in --out."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue from the newest valid checkpoint in --out (start fresh if none); or a checkpoint directory."),
     compile_: bool = typer.Option(False, "--compile", help="Run the model under torch.compile."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun, shard the model with FSDP2 instead of DDP."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -25,6 +25,8 @@ def train_cmd(
     Examples:
 
       lmforge train --data runs/data --depth 4 --steps 500 -o runs/d4
+
+      lmforge train --data runs/data --depth 4 --steps 500 -o runs/d4 --resume auto
 
       torchrun --nproc_per_node=2 -m lmforge train --data runs/data -c train.toml
 
@@ -53,4 +55,4 @@ def train_cmd(
         else:
             flags[k] = v
     cfg = config_from_sources(file_cfg, flags, where=str(config) if config else "--set")
-    train(cfg, resume=resume, progress=not quiet)
+    train(cfg, resume=resume or False, progress=not quiet)

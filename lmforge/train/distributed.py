@@ -92,3 +92,30 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_full_state(model, optimizer, info: DistInfo) -> dict:
+    """Unsharded model (a plain GPT on CPU, rank 0 only) and optimizer state under FSDP2.
+
+    Every rank must call this: gathering is a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    full = None
+    if info.is_main:
+        from lmforge.model.model import build_model
+
+        full = build_model(model.cfg, "cpu")
+        full.load_state_dict(sd)
+    return {"model": full, "optimizer": osd}
+
+
+def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

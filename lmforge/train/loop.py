@@ -27,7 +27,8 @@ from lmforge.model.model import ModelConfig, build_model, flops_per_token, param
 from lmforge.rundir import Manifest, atomic_write_text, hash_json, read_manifest
 from lmforge.train import distributed as D
 from lmforge.train.batches import BatchSource, val_batches
-from lmforge.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.train.guard import GuardConfig
 from lmforge.train.schedule import lr_at
 
 
@@ -60,6 +61,10 @@ class TrainConfig:
     init_from: str = ""  # an lmforge model dir (e.g. from import-hf) to continue training
     fsdp: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    hardware: str = "auto"  # a hardware catalog name for cost accounting; auto detects cpu / A100 / H100 / H200
+    grid_kg_per_kwh: float = 0.4  # CO2 intensity of the electricity
+    inject_nan_at: list = field(default_factory=list)  # fault injection for tests: steps whose loss becomes NaN once
 
     def __post_init__(self) -> None:
         checks = {
@@ -84,7 +89,7 @@ class TrainConfig:
 
 # Keys that change how a run is observed, not what it computes; --resume may change them.
 _RESUME_FREE = {"out", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-                "tensorboard", "compile", "max_steps", "device"}
+                "tensorboard", "compile", "max_steps", "device", "inject_nan_at", "hardware", "grid_kg_per_kwh"}
 
 
 def config_from_sources(file_cfg: dict, overrides: dict, where: str) -> TrainConfig:
@@ -166,13 +171,17 @@ def evaluate(model, val_tokens, cfg: TrainConfig, ctx, info: D.DistInfo) -> floa
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # Plain tensors and lists only, so the state file loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(s["python"]) if not isinstance(s["python"], tuple) else s["python"])
 
 
 class _Log:
@@ -231,16 +240,86 @@ def _check_fits(cfg: TrainConfig, train_tokens, val_tokens, data_dir: str) -> No
         )
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train per ``cfg``; return the finished run's manifest (rank 0) as a dict."""
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was written and the process should exit with ``code``."""
+
+    def __init__(self, signum: int, step: int, ckpt: str):
+        self.code = 128 + signum
+        self.step = step
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint {ckpt}; continue with --resume auto")
+
+
+class _Stopper:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (preemptible machines)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = True) -> dict:
+    """Train per ``cfg``; return the finished run's manifest (rank 0) as a dict.
+
+    ``resume``: False/"never" starts fresh; True/"auto" continues from the newest valid
+    checkpoint (or starts fresh when there is none); a path resumes from that checkpoint.
+    """
     info = D.setup(cfg.device)
     try:
-        return _train(cfg, resume, progress, info)
+        with _Stopper() as stopper:
+            return _train(cfg, resume, progress, info, stopper)
     finally:
         D.teardown()
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, info: D.DistInfo) -> dict:
+@dataclass
+class _State:
+    """Everything besides model and optimizer that a checkpoint must carry for an exact resume."""
+
+    step: int = 0
+    val_loss: float = float("nan")
+    train_time_s: float = 0.0
+    skips: int = 0
+    trouble_start: int = -1
+    rollbacks: int = 0
+    cooldown_until: int = 0
+    injected: list = field(default_factory=list)
+    recovery_time_s: float = 0.0
+
+
+def _resolve_resume(resume, run_dir: Path, info: D.DistInfo) -> Path | None:
+    if resume in (False, None, "never", ""):
+        return None
+    if resume not in (True, "auto"):
+        p = Path(resume)
+        if not p.exists():
+            raise LmforgeError(f"--resume {resume}: no such checkpoint directory")
+        return p
+    ckpt = latest_valid_checkpoint(run_dir, log=lambda m: print(m, file=sys.stderr)) if info.is_main else None
+    ckpt = D.broadcast_object(str(ckpt) if ckpt else None, info)
+    return Path(ckpt) if ckpt else None
+
+
+def _train(cfg: TrainConfig, resume, progress: bool, info: D.DistInfo, stopper: _Stopper) -> dict:
+    from lmforge.train import lock as L
+
     run_dir = Path(cfg.out)
     data_man, td = open_tokens(cfg.data)
     train_tokens, val_tokens = td.split("train"), td.split("val")
@@ -248,23 +327,24 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: D.DistInfo) -> 
         cfg.model = dataclasses.replace(cfg.model, vocab_size=td.vocab_size)
     elif cfg.model.vocab_size < td.vocab_size:
         raise LmforgeError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {td.vocab_size}")
-    if cfg.init_from:
-        init = load_model(cfg.init_from)
+    init = load_model(cfg.init_from) if cfg.init_from else None
+    if init is not None:
         cfg.model = init.cfg
     _check_fits(cfg, train_tokens, val_tokens, cfg.data)
     cfg_dict = dataclasses.asdict(cfg)
 
-    # Every rank must see the same tokens in the same order; (seed, step, rank) decides them.
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = build_model(cfg.model, info.device)
-    if cfg.init_from:
-        model.load_state_dict(init.state_dict())
-        del init
+    lock = L.acquire(run_dir, log=lambda m: print(m, file=sys.stderr)) if info.is_main else None
+    try:
+        return _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td,
+                    train_tokens, val_tokens, init)
+    finally:
+        L.release(lock)
 
-    start_step, ckpt_state = 0, None
-    if resume:
+
+def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, train_tokens, val_tokens, init):
+    from lmforge.train.guard import EventLog, SpikeDetector, load_quarantine, save_quarantine
+
+    if resume not in (False, None, "never", "") and (run_dir / "manifest.json").exists():
         old = read_manifest(run_dir, expect_stage="train")
         if old.get("resume_hash") != resume_hash(cfg_dict):
             diff = sorted(k for k in cfg_dict if k not in _RESUME_FREE and old["config"].get(k) != cfg_dict[k])
@@ -272,13 +352,29 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: D.DistInfo) -> 
                 f"--resume: {run_dir} was trained with a different config (differs in: {', '.join(diff) or 'data'}); "
                 "use the original config or a new --out directory"
             )
-        ckpt = latest_valid_checkpoint(run_dir, log=lambda m: print(m, file=sys.stderr)) if info.is_main else None
-        ckpt = D.broadcast_object(str(ckpt) if ckpt else None, info)
-        if ckpt:
-            ckpt_state = load_checkpoint(Path(ckpt), model)
-            start_step = ckpt_state["step"]
-    elif info.is_main and (run_dir / "manifest.json").exists() and any((run_dir / "checkpoints").glob("step-*")):
+    ckpt = _resolve_resume(resume, run_dir, info)
+    if ckpt is None and info.is_main and resume in (False, None, "never", "") and list_checkpoints(run_dir):
         raise LmforgeError(f"{run_dir} already holds a training run; pass --resume to continue it or pick a new --out")
+
+    # Every rank builds identical weights; (seed, step, rank) decides the data.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg.model, info.device)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+
+    st = _State()
+    detector = SpikeDetector(cfg.guard)
+    ckpt_state = None
+    if ckpt is not None:
+        ckpt_state = load_checkpoint(ckpt, model)
+        _restore_state(st, detector, ckpt_state)
+    quarantine = load_quarantine(run_dir) if (resume not in (False, None, "never", "")) else set()
+    events = EventLog(run_dir, enabled=info.is_main)
+    if resume in (False, None, "never", "") and info.is_main:
+        (run_dir / "events.jsonl").unlink(missing_ok=True)
+        (run_dir / "quarantine.json").unlink(missing_ok=True)
 
     amp_dtype = pick_precision(cfg, info.device)
     ctx = torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -286,7 +382,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: D.DistInfo) -> 
     fwd = torch.compile(pmodel) if cfg.compile else pmodel
     optimizer = build_optimizer(pmodel, cfg, info.device)
     if ckpt_state:
-        optimizer.load_state_dict(ckpt_state["optimizer"])
+        D.load_optimizer_state(pmodel, optimizer, ckpt_state["optimizer"], cfg.fsdp)
         _set_rng_state(ckpt_state["rng"])
 
     batches = BatchSource(train_tokens, cfg.model.context, cfg.seed)
@@ -311,28 +407,49 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: D.DistInfo) -> 
                              flops_per_token=fpt, tokens_per_step=tokens_per_step, world_size=info.world,
                              precision=str(amp_dtype or "fp32"), device=str(info.device), peak_flops=peak,
                              peak_source=peak_desc)
-        if ckpt_state:
-            manifest.data["metrics"] = {**ckpt_state.get("metrics", {}), **manifest.data["metrics"]}
         manifest.write()
 
-    log = _Log(run_dir, info, start_step, cfg.tensorboard)
+    def checkpoint(step: int) -> Path | None:
+        state = {"step": step, "optimizer": None, "rng": _rng_state(), "detector": detector.state_dict(),
+                 "guard_state": dataclasses.asdict(st)}
+        if cfg.fsdp:
+            full = D.gather_full_state(pmodel, optimizer, info)
+            if not info.is_main:
+                return None
+            state["optimizer"], target = full["optimizer"], full["model"]
+        else:
+            if not info.is_main:
+                return None
+            state["optimizer"], target = optimizer.state_dict(), model
+        return save_checkpoint(run_dir, step, target, state, keep=cfg.keep_checkpoints)
+
+    log = _Log(run_dir, info, st.step, cfg.tensorboard)
     log.say(f"run: {run_dir}  params {param_counts(cfg.model)['total'] / 1e6:.2f}M  "
             f"{tokens_per_step} tokens/step  {cfg.max_steps} steps  precision {amp_dtype or 'fp32'}  world {info.world}"
-            + (f"  resumed at step {start_step}" if start_step else ""))
+            + (f"  resumed at step {st.step} from {ckpt.name}" if ckpt_state else ""))
+    if ckpt_state:
+        events.emit("resumed", st.step, checkpoint=str(ckpt.name))
+    elif cfg.guard.enabled:
+        checkpoint(0)  # a rollback target always exists
 
-    bar = _progress(cfg.max_steps, start_step, progress and info.is_main)
-    val_loss = ckpt_state.get("val_loss", float("nan")) if ckpt_state else float("nan")
-    prev_train_time = ckpt_state.get("train_time_s", 0.0) if ckpt_state else 0.0
+    bar = _progress(cfg.max_steps, st.step, progress and info.is_main)
     t_run = time.perf_counter()
     t_window, tok_window = time.perf_counter(), 0
     loss_val = float("nan")
     pmodel.train()
-    for step in range(start_step, cfg.max_steps):
+    step = st.step
+    while step < cfg.max_steps:
+        if step in quarantine:
+            step += 1  # a quarantined batch is never trained on; its step still advances the schedule
+            continue
         lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
                    min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+        if step < st.cooldown_until:
+            lr *= cfg.guard.cooldown_factor
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss_sum = 0.0
+        inject = step in cfg.inject_nan_at and step not in st.injected
+        loss_sum = torch.zeros((), device=info.device)
         for micro in range(cfg.grad_accum):
             x, y = batches.micro_batch(step, info.rank, micro, batch_size=cfg.batch_size,
                                        grad_accum=cfg.grad_accum, world=info.world)
@@ -343,63 +460,184 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: D.DistInfo) -> 
             with sync:
                 with ctx:
                     loss = fwd(x, y) / cfg.grad_accum
+                if inject:
+                    loss = loss * float("nan")
                 loss.backward()
             loss_sum += loss.detach()
+        if inject:
+            st.injected.append(step)
         grad_norm = torch.nn.utils.clip_grad_norm_(pmodel.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # One collective carries every signal the ranks must agree on.
+        signals = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device),
+                               torch.tensor(float(stopper.signum), device=loss_sum.device)]).double()
+        if info.enabled:
+            D.all_reduce_sum(signals, info)
+            signals[:2] /= info.world
+        loss_step, gnorm = float(signals[0]), float(signals[1])
+        verdict, reason = detector.verdict(loss_step, gnorm) if cfg.guard.enabled else ("ok", "")
+        if not cfg.guard.enabled and not math.isfinite(loss_step):
+            raise LmforgeError(f"training diverged at step {step + 1} (loss {loss_step}); lower --set lr, check the data, or enable the guard")
+
+        if verdict == "ok":
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            detector.accept(loss_step, gnorm)
+            if st.skips:
+                events.emit("recovered", step, after_skips=st.skips)
+            st.skips, st.trouble_start = 0, -1
+        else:
+            t_rec = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            if st.trouble_start < 0:
+                st.trouble_start = step
+            events.emit("detected", step, kind=verdict, reason=reason)
+            bar.note(f"step {step + 1}: {verdict}: {reason}")
+            if verdict == "spike" and st.skips < cfg.guard.max_skips:
+                st.skips += 1
+                events.emit("skipped", step, consecutive=st.skips)
+                # A batch that caused a spike is suspect: replays after a later rollback skip it too.
+                quarantine.add(step)
+                if info.is_main:
+                    save_quarantine(run_dir, quarantine, {"from": step, "to": step, "skipped": True})
+                st.recovery_time_s += time.perf_counter() - t_rec
+                step += 1
+                continue
+            step = _rollback(cfg, st, step, run_dir, model, optimizer, pmodel, detector, quarantine, events, info, bar,
+                             save_quarantine)
+            st.recovery_time_s += time.perf_counter() - t_rec
+            t_window, tok_window = time.perf_counter(), 0
+            continue
+
         tok_window += tokens_per_step
         done = step + 1
-
+        step = done
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            loss_val = D.all_reduce_mean(float(loss_sum), info)
+            loss_val = loss_step
             dt = time.perf_counter() - t_window
-            tps = tok_window / dt
+            tps = tok_window / dt if dt > 0 else 0.0
             mfu = tps * fpt / (peak * info.world) if peak else None
-            log.record(step=done, loss=round(loss_val, 5), lr=lr, grad_norm=round(float(grad_norm), 4),
-                       tokens=done * tokens_per_step, tokens_per_s=round(tps, 1),
-                       mfu=round(mfu, 4) if mfu else None)
+            log.record(step=done, loss=round(loss_val, 5), lr=lr, grad_norm=round(gnorm, 4),
+                       tokens=done * tokens_per_step, tokens_per_s=round(tps, 1), mfu=round(mfu, 4) if mfu else None)
             bar.update(done, loss_val, tps, mfu)
             t_window, tok_window = time.perf_counter(), 0
-            if not math.isfinite(loss_val):
-                raise LmforgeError(f"training diverged at step {done} (loss {loss_val}); lower --set lr or check the data")
 
         last = done == cfg.max_steps
-        if cfg.eval_every and (done % cfg.eval_every == 0 or last) or (last and not cfg.eval_every):
-            val_loss = evaluate(pmodel, val_tokens, cfg, ctx, info)
-            log.record(step=done, val_loss=round(val_loss, 5))
-            bar.note(f"step {done}: val loss {val_loss:.4f}")
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or last:
-            train_time = prev_train_time + time.perf_counter() - t_run
-            state = {"step": done, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                     "val_loss": val_loss, "train_time_s": train_time,
-                     "metrics": manifest.data["metrics"] if manifest else {}}
-            if info.is_main and not cfg.fsdp:
-                save_checkpoint(run_dir, done, model, state, keep=cfg.keep_checkpoints)
+        if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+            st.val_loss = evaluate(pmodel, val_tokens, cfg, ctx, info)
+            log.record(step=done, val_loss=round(st.val_loss, 5))
+            bar.note(f"step {done}: val loss {st.val_loss:.4f}")
+        stop = float(signals[2]) > 0
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or last or stop:
+            st.step = done
+            st.train_time_s += time.perf_counter() - t_run
+            t_run = time.perf_counter()
+            path = checkpoint(done)
+            if stop:
+                bar.close()
+                events.emit("interrupted", done, signal=int(signals[2]) if not info.enabled else None)
+                if manifest:
+                    manifest.set_metrics(steps_done=done)
+                    manifest.write(status="interrupted")
+                raise Interrupted(stopper.signum or 15, done, str(path))
     bar.close()
 
-    train_time = prev_train_time + time.perf_counter() - t_run
-    result = {}
-    if info.is_main:
-        save_model(model, run_dir)
-        steps_done = cfg.max_steps
-        tokens = steps_done * tokens_per_step
-        flops = tokens * fpt
-        manifest.add_output("model", run_dir / "model.safetensors", hash_it=True)
-        manifest.add_output("model_config", run_dir / "model_config.json")
-        manifest.add_output("metrics", run_dir / "metrics.jsonl")
-        manifest.set_metrics(
-            steps=steps_done, tokens=tokens, final_train_loss=loss_val, final_val_loss=val_loss,
-            epochs=round(batches.epochs_seen(steps_done, cfg.batch_size * cfg.grad_accum * info.world), 4),
-            train_tokens_available=len(train_tokens), model_flops=flops, train_time_s=round(train_time, 2),
-            tokens_per_s=round(tokens / train_time, 1) if train_time > 0 else None,
-            mfu=round(flops / train_time / (peak * info.world), 4) if peak and train_time > 0 else None,
-            device_hours=round(train_time * info.world / 3600, 5),
-        )
-        result = manifest.finish() and manifest.data
-        log.say(f"done: val loss {val_loss:.4f}  train loss {loss_val:.4f}  {train_time:.0f}s  run dir {run_dir}")
+    st.train_time_s += time.perf_counter() - t_run
+    final_model = D.gather_full_state(pmodel, None, info)["model"] if cfg.fsdp else model
+    if not info.is_main:
+        return {}
+    save_model(final_model, run_dir)
+    steps_trained = cfg.max_steps - len([q for q in quarantine if q < cfg.max_steps])
+    tokens = steps_trained * tokens_per_step
+    flops = tokens * fpt
+    train_time = st.train_time_s
+    manifest.add_output("model", run_dir / "model.safetensors", hash_it=True)
+    manifest.add_output("model_config", run_dir / "model_config.json")
+    manifest.add_output("metrics", run_dir / "metrics.jsonl")
+    manifest.set_metrics(
+        steps=cfg.max_steps, steps_trained=steps_trained, tokens=tokens, final_train_loss=loss_val,
+        final_val_loss=st.val_loss,
+        epochs=round(batches.epochs_seen(cfg.max_steps, cfg.batch_size * cfg.grad_accum * info.world), 4),
+        train_tokens_available=len(train_tokens), model_flops=flops, train_time_s=round(train_time, 2),
+        tokens_per_s=round(tokens / train_time, 1) if train_time > 0 else None,
+        mfu=round(flops / train_time / (peak * info.world), 4) if peak and train_time > 0 else None,
+        device_hours=round(train_time * info.world / 3600, 6),
+        cost=_cost(cfg, info, train_time * info.world / 3600),
+        guard={"rollbacks": st.rollbacks, "quarantined_steps": len(quarantine),
+               "recovery_time_s": round(st.recovery_time_s, 3)},
+    )
+    events.emit("finished", cfg.max_steps, val_loss=st.val_loss)
+    manifest.finish()
+    log.say(f"done: val loss {st.val_loss:.4f}  train loss {loss_val:.4f}  {train_time:.0f}s  run dir {run_dir}")
     log.close()
-    return result
+    return manifest.data
+
+
+def _cost(cfg: TrainConfig, info: D.DistInfo, device_hours: float) -> dict:
+    from lmforge.cost.catalog import detect_hardware_name, get_hardware, run_cost
+
+    name = cfg.hardware
+    if name == "auto":
+        dev_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else ""
+        name = detect_hardware_name(info.device.type, dev_name)
+    try:
+        hw = get_hardware(name)
+    except LmforgeError as e:
+        return {"error": str(e)}
+    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in run_cost(device_hours, hw, cfg.grid_kg_per_kwh).items()}
+
+
+def _restore_state(st: _State, detector, ckpt_state: dict) -> None:
+    g = ckpt_state.get("guard_state", {})
+    for k, v in g.items():
+        if hasattr(st, k):
+            setattr(st, k, v)
+    st.step = ckpt_state["step"]
+    detector.load_state_dict(ckpt_state.get("detector", {}))
+
+
+def _rollback(cfg, st, step, run_dir, model, optimizer, pmodel, detector, quarantine, events, info, bar, save_quarantine):
+    """Roll back to the newest checkpoint before the trouble; quarantine the batches since. Returns the new step."""
+    if st.rollbacks >= cfg.guard.max_rollbacks:
+        events.emit("gave_up", step, rollbacks=st.rollbacks)
+        raise LmforgeError(
+            f"the guard gave up at step {step + 1} after {st.rollbacks} rollbacks; see {run_dir}/events.jsonl "
+            f"(`lmforge status {run_dir}`), then lower the lr or inspect the quarantined data"
+        )
+    candidates = [c for c in list_checkpoints(run_dir) if int(c.name.split("-")[1]) <= st.trouble_start]
+    target = None
+    for c in reversed(candidates):
+        try:
+            from lmforge.train.checkpoint import verify_checkpoint
+
+            verify_checkpoint(c)
+            target = c
+            break
+        except LmforgeError:
+            continue
+    target = D.broadcast_object(str(target) if target else None, info)
+    if target is None:
+        events.emit("gave_up", step, reason="no checkpoint predates the trouble")
+        raise LmforgeError(f"the guard found no checkpoint in {run_dir} before step {st.trouble_start + 1}; "
+                           "raise train.keep_checkpoints")
+    target = Path(target)
+    back_to = int(target.name.split("-")[1])
+    lo = back_to if not cfg.guard.quarantine_window else max(back_to, st.trouble_start - cfg.guard.quarantine_window)
+    bad = set(range(lo, step + 1))
+    quarantine |= bad
+    if info.is_main:
+        save_quarantine(run_dir, quarantine, {"from": lo, "to": step, "rolled_back_to": back_to, "trouble_start": st.trouble_start})
+    rollbacks, injected, recovery = st.rollbacks + 1, list(st.injected), st.recovery_time_s
+    state = load_checkpoint(target, model)
+    D.load_optimizer_state(pmodel, optimizer, state["optimizer"], cfg.fsdp)
+    _set_rng_state(state["rng"])
+    _restore_state(st, detector, state)
+    st.rollbacks, st.injected, st.recovery_time_s = rollbacks, injected, recovery
+    st.skips, st.trouble_start = 0, -1
+    st.cooldown_until = back_to + cfg.guard.cooldown_steps + len(bad)
+    events.emit("rolled_back", step, to_step=back_to, checkpoint=target.name)
+    events.emit("quarantined", step, steps=[lo, step], count=len(bad))
+    bar.note(f"rolled back to step {back_to}; quarantined steps {lo + 1}..{step + 1}")
+    return back_to
 
 
 class _progress:

@@ -1,0 +1,161 @@
+"""The training guard: detect loss spikes and divergence, and decide how to recover.
+
+Detection compares each step's loss and gradient norm with a rolling window of recent
+healthy steps (a z-score), and flags non-finite values outright. The loop feeds it
+values that were already reduced across ranks, so every rank reaches the same verdict.
+
+Recovery, in order: skip the step (no optimizer update); if spikes persist, or on a
+non-finite loss, roll back to the newest checkpoint that predates the trouble and
+quarantine the batches between that checkpoint and the spike; optionally cool the
+learning rate down for a while; give up after ``max_rollbacks`` with a clear report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.rundir import atomic_write_json
+
+EVENTS = "events.jsonl"
+QUARANTINE = "quarantine.json"
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    window: int = 50  # healthy steps the z-score is measured against
+    min_history: int = 20  # no spike verdicts before this many healthy steps
+    loss_z: float = 6.0  # loss more than this many sigmas above the window mean is a spike
+    grad_z: float = 6.0  # likewise for the gradient norm (0 disables)
+    min_rel_jump: float = 0.05  # and at least this relative jump, so a very flat window can't flag noise
+    max_skips: int = 3  # consecutive skipped steps before rolling back
+    max_rollbacks: int = 5  # then give up
+    quarantine_window: int = 0  # 0: quarantine from the rollback point to the spike; N: at most the N steps before it
+    cooldown_steps: int = 0  # after a rollback, run this many steps at lr * cooldown_factor
+    cooldown_factor: float = 0.5
+    val_stall_evals: int = 0  # warn when val loss has not improved for this many evals (0 disables)
+
+    def __post_init__(self) -> None:
+        bad = []
+        if self.window < 2:
+            bad.append(("window", "at least 2"))
+        if not 0 <= self.min_history <= self.window:
+            bad.append(("min_history", f"between 0 and window ({self.window})"))
+        if not 0 < self.loss_z <= 1e3:
+            bad.append(("loss_z", "in (0, 1000]"))
+        if not 0 <= self.grad_z <= 1e3:
+            bad.append(("grad_z", "in [0, 1000] (0 disables)"))
+        if self.min_rel_jump < 0:
+            bad.append(("min_rel_jump", ">= 0"))
+        if self.max_skips < 0 or self.max_rollbacks < 0 or self.quarantine_window < 0 or self.cooldown_steps < 0:
+            bad.append(("max_skips/max_rollbacks/quarantine_window/cooldown_steps", ">= 0"))
+        if not 0 < self.cooldown_factor <= 1:
+            bad.append(("cooldown_factor", "in (0, 1]"))
+        if bad:
+            key, rng = bad[0]
+            raise LmforgeError(f"guard.{key} = {getattr(self, key.split('/')[0])!r} is out of range: use a value {rng}")
+
+
+class SpikeDetector:
+    """Rolling statistics of healthy steps; its state travels in checkpoints."""
+
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.losses: deque = deque(maxlen=cfg.window)
+        self.grads: deque = deque(maxlen=cfg.window)
+
+    @staticmethod
+    def _z(x: float, hist: deque) -> tuple[float, float]:
+        n = len(hist)
+        mean = sum(hist) / n
+        var = sum((h - mean) ** 2 for h in hist) / max(1, n - 1)
+        return (x - mean) / (math.sqrt(var) + 1e-12), mean
+
+    def verdict(self, loss: float, grad_norm: float) -> tuple[str, str]:
+        """('ok' | 'spike' | 'nonfinite', reason)."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return "nonfinite", f"loss {loss}, grad norm {grad_norm}"
+        if len(self.losses) < self.cfg.min_history:
+            return "ok", ""
+        z, mean = self._z(loss, self.losses)
+        if z > self.cfg.loss_z and loss > mean * (1 + self.cfg.min_rel_jump):
+            return "spike", f"loss {loss:.4f} is {z:.1f} sigma above the recent mean {mean:.4f}"
+        if self.cfg.grad_z:
+            gz, gmean = self._z(grad_norm, self.grads)
+            if gz > self.cfg.grad_z and grad_norm > gmean * (1 + self.cfg.min_rel_jump):
+                return "spike", f"grad norm {grad_norm:.3f} is {gz:.1f} sigma above the recent mean {gmean:.3f}"
+        return "ok", ""
+
+    def accept(self, loss: float, grad_norm: float) -> None:
+        self.losses.append(loss)
+        self.grads.append(grad_norm)
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "grads": list(self.grads)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.losses = deque(s.get("losses", []), maxlen=self.cfg.window)
+        self.grads = deque(s.get("grads", []), maxlen=self.cfg.window)
+
+
+class EventLog:
+    """Append-only JSONL timeline of what the guard and the loop did (rank 0 writes)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / EVENTS
+        self.enabled = enabled
+
+    def emit(self, event: str, step: int, **detail) -> None:
+        if not self.enabled:
+            return
+        rec = {"time": round(time.time(), 3), "step": step, "event": event, **detail}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+
+def read_events(run_dir) -> list[dict]:
+    p = Path(run_dir) / EVENTS
+    if not p.exists():
+        return []
+    out = []
+    for ln in p.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue  # a torn last line after kill -9 is expected; the rest is intact
+    return out
+
+
+def load_quarantine(run_dir) -> set[int]:
+    p = Path(run_dir) / QUARANTINE
+    if not p.exists():
+        return set()
+    try:
+        data = json.loads(p.read_text())
+        steps = data["steps"]
+        if not isinstance(steps, list) or not all(isinstance(s, int) and s >= 0 for s in steps):
+            raise ValueError("'steps' must be a list of non-negative integers")
+        return set(steps)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise LmforgeError(
+            f"{p}: quarantine file does not parse ({e}); fix it or delete it to train on every batch again"
+        ) from None
+
+
+def save_quarantine(run_dir, steps: set[int], reason: dict) -> None:
+    """Persist the quarantined steps, keeping the history of why each range was added."""
+    p = Path(run_dir) / QUARANTINE
+    history = []
+    if p.exists():
+        try:
+            history = json.loads(p.read_text()).get("events", [])
+        except json.JSONDecodeError:
+            history = []
+    atomic_write_json(p, {"steps": sorted(steps), "events": history + [reason]})

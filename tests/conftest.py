@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny real corpus run through the real data and tokenizer stages."""
+
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+# Keep test processes from oversubscribing the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+MODULES = ["textwrap.py", "heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py", "string.py",
+           "colorsys.py", "calendar.py", "queue.py", "sched.py", "difflib.py", "json/encoder.py", "json/decoder.py",
+           "ast.py", "dataclasses.py", "enum.py", "functools.py"]
+
+
+def make_corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in MODULES:
+        src = STDLIB / name
+        (root / name.replace("/", "_")).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(data_dir, tokenizer_dir) for ~1 MB of stdlib code, vocab 512."""
+    from lmforge.data.prepare import DataConfig, prepare_data
+    from lmforge.data.shards import tokenize_data
+    from lmforge.tokenizer.train import train_tokenizer
+
+    base = tmp_path_factory.mktemp("tiny")
+    corpus = make_corpus(base / "corpus")
+    data_dir, tok_dir = base / "data", base / "tok"
+    prepare_data([str(corpus)], data_dir, DataConfig(val_fraction=0.15, min_chars=16), progress=False)
+    train_tokenizer(data_dir, tok_dir, vocab_size=512, progress=False)
+    tokenize_data(data_dir, tok_dir, progress=False)
+    return data_dir, tok_dir
+
+
+def run_cli(*args, env=None, timeout=300):
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
