@@ -35,6 +35,7 @@ def _register() -> None:
     from lmforge.cost.cli import hw_cmd
     from lmforge.pipeline import run_cmd
     from lmforge.train.status import status_cmd
+    from lmforge.scaling.cli import cost_cmd, fit_cmd, forecast_cmd, ladder_app, plan_cmd
 
     app.command("run")(run_cmd)
     app.command("data")(data_cmd)
@@ -45,6 +46,11 @@ def _register() -> None:
     app.command("import-hf")(import_hf_cmd)
     app.command("hw")(hw_cmd)
     app.command("status")(status_cmd)
+    app.add_typer(ladder_app, name="ladder")
+    app.command("fit")(fit_cmd)
+    app.command("forecast")(forecast_cmd)
+    app.command("plan")(plan_cmd)
+    app.command("cost")(cost_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

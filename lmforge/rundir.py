@@ -58,6 +58,14 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def commit_temp(f, tmp: Path, final: Path) -> None:
+    """Flush, fsync and close an open temp file, then rename it to its final name."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(tmp, final)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)

@@ -38,7 +38,7 @@ def same_weights(a, b) -> bool:
     return all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def poison(data_dir: Path, dest: Path, steps, rank=None, world=1, batch=BATCH) -> Path:
+def poison(data_dir: Path, dest: Path, steps, rank=None, world=1, batch=BATCH, ctx=CTX) -> Path:
     """Copy the data dir, then overwrite every window the given steps train on with random tokens."""
     from lmforge.data.shards import TokenData
 
@@ -46,21 +46,22 @@ def poison(data_dir: Path, dest: Path, steps, rank=None, world=1, batch=BATCH) -
     td = TokenData(dest)
     idx = json.loads((dest / "tokens" / "index.json").read_text())
     shards = idx["splits"]["train"]["shards"]
-    src = BatchSource(td.split("train"), CTX, seed=0)
+    src = BatchSource(td.split("train"), ctx, seed=0)
     rng = np.random.default_rng(1)
     offsets = []
     for s in steps:
         ranks = [rank] if rank is not None else range(world)
         for r in ranks:
             first = s * batch * world + r * batch
-            offsets += [int(w) * CTX for w in src.window_ids(np.arange(first, first + batch))]
+            offsets += [int(w) * ctx for w in src.window_ids(np.arange(first, first + batch))]
     # Map global token offsets to (shard, local offset); write through a memmap per shard.
     bounds = np.cumsum([0] + [sh["tokens"] for sh in shards])
     for off in offsets:
         k = int(np.searchsorted(bounds, off, side="right") - 1)
         mm = np.memmap(dest / "tokens" / shards[k]["file"], dtype=idx["dtype"], mode="r+")
         local = off - bounds[k]
-        n = min(CTX + 1, len(mm) - local)
+        # CTX tokens, not CTX + 1: the next window's first token stays clean, so only these steps are poisoned.
+        n = min(ctx, len(mm) - local)
         mm[local : local + n] = rng.integers(7, idx["vocab_size"], size=n)
         mm.flush()
         del mm
@@ -106,13 +107,18 @@ def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path):
 # 2. poisoned data: the run heals itself, quarantines the poisoned steps, and ends near a clean run
 def test_poisoned_batches_are_quarantined(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    poisoned_steps = [50, 51, 52, 53, 54]
-    bad = poison(data_dir, tmp_path / "bad_data", poisoned_steps)
-    clean = train(cfg_for(data_dir, tmp_path / "clean", max_steps=120), progress=False)
-    healed = train(cfg_for(bad, tmp_path / "healed", max_steps=120), progress=False)
+    poisoned_steps = [240, 241, 242, 243, 244]
+    bad = poison(data_dir, tmp_path / "bad_data", poisoned_steps, batch=16, ctx=64)
+    # Big enough that the final loss is past the chaotic early phase, where any perturbation moves it by percents.
+    kw = dict(max_steps=600, batch_size=16, model=ModelConfig(depth=2, vocab_size=0, context=64), eval_every=300,
+              eval_batches=16, log_every=10)
+    clean = train(cfg_for(data_dir, tmp_path / "clean", **kw), progress=False)
+    healed = train(cfg_for(bad, tmp_path / "healed", **kw), progress=False)
     q = set(json.loads((tmp_path / "healed" / "quarantine.json").read_text())["steps"])
     assert set(poisoned_steps) <= q
-    assert len(q) <= 20  # a superset bounded by the rollback window (ckpt_every=10) plus the spike streak
+    # The spike is caught on its first step, right after a checkpoint, so the quarantine is the poisoned steps
+    # plus at most a few natural outlier batches the detector also skipped.
+    assert len(q - set(poisoned_steps)) <= 3, q
     kinds = [e["event"] for e in read_events(tmp_path / "healed")]
     assert "detected" in kinds and "quarantined" in kinds and kinds[-1] == "finished"
     a, b = clean["metrics"]["final_val_loss"], healed["metrics"]["final_val_loss"]
@@ -163,17 +169,19 @@ def test_corrupt_newest_checkpoint_falls_back(tiny_data, tmp_path, damage):
 # 5. under torchrun, a poisoned rank gives one decision on every rank and the run finishes
 def test_torchrun_poisoned_rank_consistent_decision(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    bad = poison(data_dir, tmp_path / "bad", [40, 41, 42], rank=1, world=2, batch=4)
+    bad = poison(data_dir, tmp_path / "bad", [120, 121, 122], rank=1, world=2, batch=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "lmforge", "train", "--data", str(bad), "-o", str(tmp_path / "r"), "--depth", "1",
-                          "--steps", "70", "-q", "--set", f"model.context={CTX}", "--set", "batch_size=4",
-                          "--set", "precision='fp32'", "--set", "ckpt_every=10", "--set", "eval_every=35",
-                          "--set", "seed=0", "--set", "guard.loss_z=4.0"],
+                          "--steps", "160", "-q", "--set", f"model.context={CTX}", "--set", "batch_size=4",
+                          "--set", "precision='fp32'", "--set", "ckpt_every=10", "--set", "eval_every=80",
+                          "--set", "seed=0"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     q = set(json.loads((tmp_path / "r" / "quarantine.json").read_text())["steps"])
-    assert {40, 41, 42} <= q
+    assert {120, 121, 122} <= q and len(q) <= 10
+    ev = read_events(tmp_path / "r")
+    assert any(e["event"] == "detected" and e["step"] == 120 for e in ev)
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert man["status"] == "complete" and man["metrics"]["world_size"] == 2
 

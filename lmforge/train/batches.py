@@ -50,12 +50,14 @@ class BatchSource:
         return steps * global_batch / self.n_windows
 
 
-def val_batches(tokens, context: int, batch_size: int, max_batches: int):
-    """The first ``max_batches`` non-overlapping batches of the val split, always the same ones."""
-    n = (len(tokens) - 1) // context
-    n_batches = min(max_batches, n // batch_size) if n >= batch_size else (1 if n else 0)
-    for b in range(n_batches):
-        count = min(batch_size, n - b * batch_size)
-        rows = np.stack([tokens.window((b * batch_size + i) * context, context + 1) for i in range(count)])
+def val_batches(tokens, context: int, batch_size: int, max_batches: int, rank: int = 0, world: int = 1):
+    """This rank's share of a fixed val set: the first ``max_batches * batch_size * world`` windows.
+
+    The set depends only on the global eval batch, so any split over ranks evaluates the same windows."""
+    n = min((len(tokens) - 1) // context, max_batches * batch_size * world)
+    starts = list(range(0, n, batch_size))
+    for b in starts[rank::world]:
+        count = min(batch_size, n - b)
+        rows = np.stack([tokens.window((b + i) * context, context + 1) for i in range(count)])
         t = torch.from_numpy(rows.astype(np.int64))
         yield t[:, :-1], t[:, 1:]

@@ -32,7 +32,9 @@ class GuardConfig:
     window: int = 50  # healthy steps the z-score is measured against
     min_history: int = 20  # no spike verdicts before this many healthy steps
     loss_z: float = 6.0  # loss more than this many sigmas above the window mean is a spike
-    grad_z: float = 6.0  # likewise for the gradient norm (0 disables)
+    # Likewise for the gradient norm. Off by default: at small scale benign grad-norm jumps are common
+    # (and clipping already bounds the update), so acting on them discards good batches.
+    grad_z: float = 0.0
     min_rel_jump: float = 0.05  # and at least this relative jump, so a very flat window can't flag noise
     max_skips: int = 3  # consecutive skipped steps before rolling back
     max_rollbacks: int = 5  # then give up

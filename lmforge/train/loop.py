@@ -64,6 +64,7 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     hardware: str = "auto"  # a hardware catalog name for cost accounting; auto detects cpu / A100 / H100 / H200
     grid_kg_per_kwh: float = 0.4  # CO2 intensity of the electricity
+    forecast_fit: str = ""  # a fit.json (lmforge fit): record its forecast for this run and check it at the end
     inject_nan_at: list = field(default_factory=list)  # fault injection for tests: steps whose loss becomes NaN once
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ class TrainConfig:
 
 # Keys that change how a run is observed, not what it computes; --resume may change them.
 _RESUME_FREE = {"out", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-                "tensorboard", "compile", "max_steps", "device", "inject_nan_at", "hardware", "grid_kg_per_kwh"}
+                "tensorboard", "compile", "max_steps", "device", "inject_nan_at", "hardware", "grid_kg_per_kwh", "forecast_fit"}
 
 
 def config_from_sources(file_cfg: dict, overrides: dict, where: str) -> TrainConfig:
@@ -157,9 +158,7 @@ def evaluate(model, val_tokens, cfg: TrainConfig, ctx, info: D.DistInfo) -> floa
     """Mean per-token val loss over a fixed set of val windows, split across ranks."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
-    for i, (x, y) in enumerate(val_batches(val_tokens, cfg.model.context, cfg.batch_size, cfg.eval_batches)):
-        if i % info.world != info.rank:
-            continue
+    for x, y in val_batches(val_tokens, cfg.model.context, cfg.batch_size, cfg.eval_batches, info.rank, info.world):
         x, y = x.to(info.device), y.to(info.device)
         with ctx:
             loss = unwrap(model)(x, y) if not cfg.fsdp else model(x, y)
@@ -407,6 +406,15 @@ def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, 
                              flops_per_token=fpt, tokens_per_step=tokens_per_step, world_size=info.world,
                              precision=str(amp_dtype or "fp32"), device=str(info.device), peak_flops=peak,
                              peak_source=peak_desc)
+        if cfg.forecast_fit:
+            from lmforge.scaling.forecast import forecast
+
+            fc = forecast(cfg.forecast_fit, counts["non_embedding"], cfg.max_steps * tokens_per_step)
+            manifest.data["forecast"] = {**fc, "fit": str(Path(cfg.forecast_fit).resolve())}
+            print(f"forecast: final val loss {fc['loss']:.4f} (80% {fc['interval_80'][0]:.4f}-{fc['interval_80'][1]:.4f}, "
+                  f"95% {fc['interval_95'][0]:.4f}-{fc['interval_95'][1]:.4f})", flush=True)
+            for w in fc["warnings"]:
+                print(f"warning: {w}", file=sys.stderr)
         manifest.write()
 
     def checkpoint(step: int) -> Path | None:
@@ -567,6 +575,14 @@ def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, 
     )
     events.emit("finished", cfg.max_steps, val_loss=st.val_loss)
     manifest.finish()
+    if "forecast" in manifest.data:
+        from lmforge.scaling.forecast import check_forecast
+
+        chk = check_forecast(run_dir)
+        manifest.data["forecast_check"] = chk
+        manifest.finish()
+        log.say(f"forecast {chk['forecast']:.4f} vs actual {chk['actual']:.4f}: error {chk['error_pct']:+.2f}%, "
+                f"{'inside' if chk['in_80'] else 'outside'} the 80% interval")
     log.say(f"done: val loss {st.val_loss:.4f}  train loss {loss_val:.4f}  {train_time:.0f}s  run dir {run_dir}")
     log.close()
     return manifest.data

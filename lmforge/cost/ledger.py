@@ -1,0 +1,66 @@
+"""``lmforge cost``: a ledger of compute and spend across runs and ladders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def _train_runs(path: Path) -> list[tuple[str, Path]]:
+    """(group, run dir) pairs: a ladder expands to its rungs, a pipeline run to its train stage."""
+    from lmforge.scaling.ladder import LADDER_FILE
+
+    if (path / LADDER_FILE).exists():
+        plan = json.loads((path / LADDER_FILE).read_text())
+        return [(f"ladder:{path.name}", path / "rungs" / r["name"]) for r in plan["rungs"]
+                if (path / "rungs" / r["name"] / "manifest.json").exists()]
+    man = path / "manifest.json"
+    if not man.exists():
+        raise LmforgeError(f"{path}: not a run or ladder directory (no manifest.json)")
+    stage = json.loads(man.read_text()).get("stage")
+    if stage == "run" and (path / "train" / "manifest.json").exists():
+        return [(path.name, path / "train")]
+    if stage != "train":
+        raise LmforgeError(f"{path}: a '{stage}' directory has no training cost; pass train runs or ladders")
+    return [(path.name, path)]
+
+
+def ledger(paths) -> dict:
+    rows = []
+    for p in map(Path, paths):
+        for group, run in _train_runs(p):
+            man = json.loads((run / "manifest.json").read_text())
+            m = man.get("metrics", {})
+            cost = m.get("cost", {})
+            rows.append({
+                "group": group, "run": str(run), "status": man.get("status"),
+                "flops": m.get("model_flops", 0.0), "wall_s": m.get("train_time_s", 0.0),
+                "mfu": m.get("mfu"), "device_hours": cost.get("device_hours", m.get("device_hours", 0.0)),
+                "kwh": cost.get("kwh", 0.0), "usd": cost.get("usd", 0.0), "co2_kg": cost.get("co2_kg", 0.0),
+                "hardware": cost.get("hardware"), "val_loss": m.get("final_val_loss"),
+            })
+    keys = ("flops", "wall_s", "device_hours", "kwh", "usd", "co2_kg")
+    total = {k: sum(r[k] or 0.0 for r in rows) for k in keys}
+    groups = {}
+    for r in rows:
+        g = groups.setdefault(r["group"], {k: 0.0 for k in keys})
+        for k in keys:
+            g[k] += r[k] or 0.0
+    for g in groups.values():
+        g["share_of_flops"] = g["flops"] / total["flops"] if total["flops"] else 0.0
+        g["share_of_usd"] = g["usd"] / total["usd"] if total["usd"] else 0.0
+    return {"runs": rows, "groups": groups, "total": total}
+
+
+def inference_cost(tokens_per_s: float, hardware: str, devices: int = 1) -> dict:
+    from lmforge.cost.catalog import get_hardware
+
+    if tokens_per_s <= 0:
+        raise LmforgeError("--tokens-per-s must be positive")
+    hw = get_hardware(hardware)
+    usd_per_hour = hw.usd_per_hour * devices
+    return {"hardware": hw.name, "devices": devices, "tokens_per_s": tokens_per_s,
+            "usd_per_million_tokens": usd_per_hour / (tokens_per_s * 3600) * 1e6,
+            "kwh_per_million_tokens": hw.watts * devices / 1000 / (tokens_per_s * 3600) * 1e6}

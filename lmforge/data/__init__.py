@@ -1,0 +1,1 @@
+"""The data stage: ingest, clean, deduplicate, split and tokenize a corpus."""

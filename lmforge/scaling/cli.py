@@ -1,0 +1,212 @@
+"""CLI verbs for predictable scaling: ladder plan/run, fit, forecast, plan, cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+ladder_app = typer.Typer(help="Plan and run a ladder of small training runs for a scaling-law fit.", no_args_is_help=True)
+
+
+def _parse_list(text: str, cast) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+@ladder_app.command("plan")
+def ladder_plan_cmd(
+    data: Path = typer.Option(Path("runs/default/data"), "--data", help="Tokenized data run directory."),
+    out: Path = typer.Option(Path("runs/ladder"), "--out", "-o", help="Ladder directory to create."),
+    depths: str = typer.Option("1,2,3,4", "--depths", help="Comma-separated depth dial values."),
+    multipliers: str = typer.Option("1,2,5,10", "--multipliers", help="Token budgets as multiples of 20 tokens/param."),
+    context: int = typer.Option(256, "--context"),
+    hardware: str = typer.Option("cpu", "--hardware", help="Catalog name used to price the rungs."),
+    budget: Optional[float] = typer.Option(None, "--budget-flops", help="Drop the largest rungs beyond this total."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML with a [ladder] table of LadderConfig keys."),
+):
+    """Propose a grid of rungs and show each rung's cost before anything runs.
+
+    Example: lmforge ladder plan --data runs/default/data --depths 1,2,3,4 -o runs/ladder
+    """
+    from lmforge.config import from_dict, load_toml
+    from lmforge.scaling.ladder import LadderConfig, create_ladder
+
+    raw = load_toml(config).get("ladder", {}) if config else {}
+    raw.update({"depths": _parse_list(depths, int), "multipliers": _parse_list(multipliers, float),
+                "context": context, "hardware": hardware})
+    cfg = from_dict(LadderConfig, raw, str(config or "ladder flags"))
+    plan = create_ladder(out, cfg, str(data), budget)
+    t = Table(title=f"ladder {out}: {len(plan['rungs'])} rungs")
+    for col in ("rung", "N (non-emb)", "D tokens", "steps", "batch", "lr", "FLOPs", "est. time", "est. $"):
+        t.add_column(col, justify="right")
+    for r in plan["rungs"]:
+        t.add_row(r["name"], f"{r['N']:.3g}", f"{r['D']:.3g}", str(r["steps"]), str(r["batch_size"]), f"{r['lr']:.2g}",
+                  f"{r['flops']:.3g}", f"{r['est_seconds'] / 60:.1f} min", f"{r['est_cost']['usd']:.4f}")
+    c = Console()
+    c.print(t)
+    tokens = sum(r["D"] for r in plan["rungs"])
+    c.print(f"total {plan['total_flops']:.3g} FLOPs; largest rung sees {max(r['D'] for r in plan['rungs']) / plan['train_tokens_available']:.2f} epochs "
+            f"of the {plan['train_tokens_available']:,} train tokens. Next: lmforge ladder run {out}")
+
+
+@ladder_app.command("run")
+def ladder_run_cmd(ladder: Path = typer.Argument(Path("runs/ladder")), quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Train every rung not yet finished (an interrupted rung resumes from its checkpoint).
+
+    Example: lmforge ladder run runs/ladder
+    """
+    from lmforge.scaling.ladder import run_ladder
+
+    dirs = run_ladder(ladder, progress=not quiet)
+    print(f"{len(dirs)} rungs finished in {ladder}/rungs. Next: lmforge fit {ladder}")
+
+
+def fit_cmd(
+    runs: List[Path] = typer.Argument(..., help="Ladder directories and/or train run directories."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write fit.json and fit.png (default: the first argument)."),
+    form: str = typer.Option("ND", "--form", help="ND: L(N,D) = E + A/N^a + B/D^b; C: compute only."),
+    n_boot: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for standard errors and intervals."),
+):
+    """Fit a scaling law to finished runs' final validation losses.
+
+    Example: lmforge fit runs/ladder
+    """
+    from lmforge.errors import LmforgeError
+    from lmforge.scaling.forecast import fit_runs, fmt_params, load_fit, plot_fit
+
+    if form not in ("ND", "C"):
+        raise LmforgeError(f"--form {form}: use ND or C")
+    out = out or runs[0]
+    fit_runs(runs, out, form=form, n_boot=n_boot)
+    nd, c, d = load_fit(out)
+    png = plot_fit(out, Path(out) / "fit.png")
+    con = Console()
+    if nd:
+        con.print(f"[bold]L(N, D) = E + A/N^alpha + B/D^beta[/]  ({nd.n_points} runs, log-residual RMS {nd.rmse_log:.4f})")
+        for line in fmt_params(nd):
+            con.print("  " + line)
+        for w in nd.warnings:
+            con.print(f"[yellow]warning:[/] {w}")
+    con.print(f"[bold]L(C) = a*C^b + c[/]  (log-residual RMS {c.rmse_log:.4f})")
+    for line in fmt_params(c):
+        con.print("  " + line)
+    for w in c.warnings:
+        con.print(f"[yellow]warning:[/] {w}")
+    con.print(f"saved {Path(out) / 'fit.json'} and {png}")
+
+
+def forecast_cmd(
+    fit: Path = typer.Option(Path("runs/ladder"), "--fit", help="A fit.json or the directory holding it."),
+    params: Optional[float] = typer.Option(None, "--params", help="Non-embedding parameters N."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens D."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A train TOML: N and D are taken from it."),
+    check: Optional[Path] = typer.Option(None, "--check", help="A finished run: compare its final loss with its recorded forecast."),
+):
+    """Predict a run's final validation loss with 80% and 95% intervals, or check a finished run.
+
+    Examples: lmforge forecast --fit runs/ladder --params 2e7 --tokens 4e8
+              lmforge forecast --check runs/target
+    """
+    from lmforge.errors import LmforgeError
+    from lmforge.scaling.forecast import check_forecast, forecast
+
+    if check:
+        r = check_forecast(check)
+        print(f"forecast {r['forecast']:.4f}  actual {r['actual']:.4f}  error {r['error_pct']:+.2f}%  "
+              f"80% [{r['interval_80'][0]:.4f}, {r['interval_80'][1]:.4f}] {'inside' if r['in_80'] else 'OUTSIDE'}  "
+              f"95% [{r['interval_95'][0]:.4f}, {r['interval_95'][1]:.4f}] {'inside' if r['in_95'] else 'OUTSIDE'}")
+        return
+    if config:
+        from lmforge.config import load_toml
+        from lmforge.model.model import param_counts
+        from lmforge.train.loop import config_from_sources
+
+        tc = config_from_sources(load_toml(config), {}, str(config))
+        if not tc.model.vocab_size:
+            from lmforge.train.loop import open_tokens
+
+            tc.model.vocab_size = open_tokens(tc.data)[1].vocab_size
+        params = param_counts(tc.model)["non_embedding"]
+        tokens = tc.max_steps * tc.batch_size * tc.grad_accum * tc.model.context
+    if params is None or tokens is None:
+        raise LmforgeError("give --params and --tokens, or --config TRAIN.toml, or --check RUN")
+    r = forecast(fit, params, tokens)
+    print(f"N = {params:.4g}  D = {tokens:.4g}  C = {r['C']:.4g} FLOPs")
+    print(f"predicted final val loss {r['loss']:.4f}   80% [{r['interval_80'][0]:.4f}, {r['interval_80'][1]:.4f}]   "
+          f"95% [{r['interval_95'][0]:.4f}, {r['interval_95'][1]:.4f}]")
+    for w in r["warnings"]:
+        print(f"warning: {w}")
+
+
+def plan_cmd(
+    fit: Optional[Path] = typer.Option(None, "--fit", help="A fit.json (for N, D and the predicted loss)."),
+    flops: Optional[float] = typer.Option(None, "--flops"),
+    dollars: Optional[float] = typer.Option(None, "--dollars"),
+    device_hours: Optional[float] = typer.Option(None, "--device-hours"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Reverse plan: this many devices ..."),
+    days: Optional[float] = typer.Option(None, "--days", help="... for this many days."),
+    hardware: str = typer.Option("H100", "--hardware", help="A hardware catalog name (A100, H100, H200, cpu, or your own)."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation to assume."),
+):
+    """Size a run from a budget: compute-optimal N and D, days, dollars, kWh and predicted loss.
+
+    Examples: lmforge plan --fit runs/ladder --dollars 5000 --hardware H100
+              lmforge plan --gpus 25000 --days 100 --hardware A100 --mfu 0.35
+    """
+    from lmforge.scaling.forecast import plan_compute
+
+    r = plan_compute(fit, flops, dollars, device_hours, hardware, mfu, gpus, days)
+    print(f"compute      {r['flops']:.4g} FLOPs on {r['hardware']} at MFU {r['mfu']:.0%}")
+    print(f"device-hours {r['device_hours']:.4g}" + (f"  = {r['wall_days']:.1f} days on {r['gpus']} devices" if "wall_days" in r else ""))
+    print(f"cost         ${r['cost']['usd']:,.0f}   {r['cost']['kwh']:,.0f} kWh   {r['cost']['co2_kg'] / 1000:,.1f} t CO2")
+    if "N" in r:
+        print(f"optimal      N = {r['N']:.4g} params, D = {r['D']:.4g} tokens ({r['tokens_per_param']:.1f} tokens/param)")
+        print(f"predicted    loss {r['loss']:.4f}  80% [{r['interval_80'][0]:.4f}, {r['interval_80'][1]:.4f}]")
+
+
+def cost_cmd(
+    runs: Optional[List[Path]] = typer.Argument(None, help="Train runs, pipeline runs or ladders."),
+    inference: bool = typer.Option(False, "--inference", help="Price inference instead: $ per million tokens."),
+    tokens_per_s: Optional[float] = typer.Option(None, "--tokens-per-s", help="Measured generation throughput."),
+    hardware: str = typer.Option("cpu", "--hardware"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """A ledger of FLOPs, device-hours, kWh, dollars and CO2 across runs and ladders.
+
+    Examples: lmforge cost runs/ladder runs/target
+              lmforge cost --inference --tokens-per-s 2400 --hardware H100
+    """
+    from lmforge.cost.ledger import inference_cost, ledger
+    from lmforge.errors import LmforgeError
+
+    if inference:
+        if tokens_per_s is None:
+            raise LmforgeError("--inference needs --tokens-per-s (measured throughput)")
+        r = inference_cost(tokens_per_s, hardware)
+        print(f"{r['hardware']}: ${r['usd_per_million_tokens']:.4f} per million tokens, "
+              f"{r['kwh_per_million_tokens']:.4f} kWh per million tokens at {tokens_per_s:g} tokens/s")
+        return
+    if not runs:
+        raise LmforgeError("name at least one run or ladder directory")
+    L = ledger(runs)
+    if as_json:
+        print(json.dumps(L, indent=2))
+        return
+    t = Table(title="cost ledger")
+    for col in ("run", "status", "FLOPs", "wall", "MFU", "device-h", "kWh", "$", "CO2 kg", "val loss"):
+        t.add_column(col, justify="right")
+    for r in L["runs"]:
+        t.add_row(r["run"], str(r["status"]), f"{r['flops']:.3g}", f"{r['wall_s']:.0f}s", f"{(r['mfu'] or 0):.1%}",
+                  f"{r['device_hours']:.4g}", f"{r['kwh']:.4g}", f"{r['usd']:.4f}", f"{r['co2_kg']:.4g}",
+                  f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-")
+    tot = L["total"]
+    t.add_row("[bold]total", "", f"{tot['flops']:.3g}", f"{tot['wall_s']:.0f}s", "", f"{tot['device_hours']:.4g}",
+              f"{tot['kwh']:.4g}", f"{tot['usd']:.4f}", f"{tot['co2_kg']:.4g}", "")
+    c = Console()
+    c.print(t)
+    for g, v in L["groups"].items():
+        c.print(f"{g}: {v['share_of_flops']:.1%} of FLOPs, {v['share_of_usd']:.1%} of spend")

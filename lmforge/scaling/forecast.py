@@ -1,0 +1,201 @@
+"""From finished runs to a fitted law, a forecast, a compute plan, and a check of the forecast."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.rundir import atomic_write_json
+from lmforge.scaling.fit import Point, ScalingFit, compute_optimal, fit_c, fit_nd
+from lmforge.scaling.ladder import LADDER_FILE
+
+FIT_FILE = "fit.json"
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run directories named directly, or every rung of a ladder directory."""
+    out = []
+    for p in map(Path, paths):
+        if (p / LADDER_FILE).exists():
+            plan = json.loads((p / LADDER_FILE).read_text())
+            out += [p / "rungs" / r["name"] for r in plan["rungs"]]
+        elif (p / "manifest.json").exists():
+            out.append(p)
+        else:
+            raise LmforgeError(f"{p}: neither a ladder directory nor a run directory (no manifest.json)")
+    return out
+
+
+def collect_points(paths) -> tuple[list[Point], dict]:
+    """Final val losses of finished train runs, refusing unfinished runs and mixed data or tokenizers."""
+    runs = expand_runs(paths)
+    unfinished, points, keys = [], [], {}
+    for r in runs:
+        m = r / "manifest.json"
+        man = json.loads(m.read_text()) if m.exists() else {}
+        if man.get("status") != "complete" or man.get("stage") != "train":
+            unfinished.append(f"{r} ({man.get('status', 'not started')})")
+            continue
+        met = man["metrics"]
+        inputs = man.get("inputs", {})
+        key = (inputs.get("data", {}).get("token_index_hash"), inputs.get("tokenizer", {}).get("hash"))
+        keys.setdefault(key, []).append(str(r))
+        points.append(Point(N=float(met["params_non_embedding"]), D=float(met["tokens"]), loss=float(met["final_val_loss"]),
+                            C=float(met["model_flops"]), name=r.name))
+    if unfinished:
+        raise LmforgeError(f"cannot fit on runs that never finished: {', '.join(unfinished[:5])}"
+                           f"{' ...' if len(unfinished) > 5 else ''}; finish them (`lmforge ladder run`) or leave them out")
+    if len(keys) > 1:
+        groups = "; ".join(f"{len(v)} runs like {Path(v[0]).name}" for v in keys.values())
+        raise LmforgeError(f"the runs were trained on different data or tokenizers ({groups}); "
+                           "fit only runs whose manifests record the same token index and tokenizer hashes")
+    meta = {"runs": [str(r) for r in runs], "data_hashes": list(keys)[0] if keys else None}
+    return points, meta
+
+
+def fit_runs(paths, out_dir, form: str = "ND", n_boot: int = 200) -> dict:
+    points, meta = collect_points(paths)
+    nd = fit_nd(points, n_boot=n_boot) if form == "ND" else None
+    c = fit_c(points, n_boot=n_boot)
+    out = {"form": form, "nd": nd.to_json() if nd else None, "c": c.to_json(), "points": [vars(p) for p in points],
+           **meta}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / FIT_FILE, out)
+    return out
+
+
+def load_fit(path) -> tuple[ScalingFit | None, ScalingFit, dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / FIT_FILE
+    if not p.exists():
+        raise LmforgeError(f"{p}: no fit here; run `lmforge fit LADDER -o DIR` first")
+    d = json.loads(p.read_text())
+    nd = ScalingFit.from_json(d["nd"]) if d.get("nd") else None
+    return nd, ScalingFit.from_json(d["c"]), d
+
+
+def forecast(fit_path, N: float, D: float) -> dict:
+    nd, c, _ = load_fit(fit_path)
+    law = nd or c
+    iv = law.interval(N, D)
+    ext = law.extrapolation(N=N, D=D)
+    warn = []
+    far = {k: v for k, v in ext.items() if v > 100 or v < 0.01}
+    if far:
+        warn.append("forecast far outside the fitted range: " + ", ".join(f"{k} is {v:.3g}x the largest fitted value" for k, v in far.items()))
+    elif any(v > 1 for v in ext.values()):
+        warn.append("extrapolating beyond the fitted range: " + ", ".join(f"{k} {v:.3g}x" for k, v in ext.items() if v > 1))
+    return {"N": N, "D": D, "C": 6 * N * D, "loss": iv["loss"], "interval_80": iv["80%"], "interval_95": iv["95%"],
+            "form": law.form, "extrapolation": ext, "warnings": warn,
+            "loss_compute_only": c.predict(C=6 * N * D)}
+
+
+def check_forecast(run_dir) -> dict:
+    man = json.loads((Path(run_dir) / "manifest.json").read_text())
+    fc = man.get("forecast")
+    if not fc:
+        raise LmforgeError(f"{run_dir}: the run has no forecast; train with --set forecast_fit=FIT to record one")
+    actual = man.get("metrics", {}).get("final_val_loss")
+    if actual is None or man.get("status") != "complete":
+        raise LmforgeError(f"{run_dir}: the run has not finished, so there is nothing to check yet")
+    err = (actual - fc["loss"]) / actual
+    return {"forecast": fc["loss"], "actual": actual, "error_pct": 100 * err,
+            "in_80": fc["interval_80"][0] <= actual <= fc["interval_80"][1],
+            "in_95": fc["interval_95"][0] <= actual <= fc["interval_95"][1],
+            "interval_80": fc["interval_80"], "interval_95": fc["interval_95"]}
+
+
+def plan_compute(fit_path, flops: float | None = None, dollars: float | None = None, device_hours: float | None = None,
+                 hardware: str = "H100", mfu: float = 0.4, gpus: int | None = None, days: float | None = None,
+                 smallest_N: float | None = None) -> dict:
+    """Compute-optimal N and D for a budget, with wall-clock, dollars and kWh on named hardware.
+
+    Exactly one budget form: FLOPs, dollars, device-hours, or (gpus, days) for the reverse question."""
+    from lmforge.cost.catalog import get_hardware, run_cost
+
+    hw = get_hardware(hardware)
+    flops_per_device_hour = hw.peak_bf16 * mfu * 3600
+    given = [x is not None for x in (flops, dollars, device_hours)] + [gpus is not None or days is not None]
+    if sum(given) != 1:
+        raise LmforgeError("give exactly one budget: --flops, --dollars, --device-hours, or --gpus with --days")
+    if gpus is not None or days is not None:
+        if not gpus or not days:
+            raise LmforgeError("the reverse plan needs both --gpus and --days")
+        device_hours = gpus * days * 24
+    if dollars is not None:
+        device_hours = dollars / hw.usd_per_hour
+    if device_hours is not None:
+        flops = device_hours * flops_per_device_hour
+    if not flops or flops <= 0:
+        raise LmforgeError("the budget must be positive")
+    dh = flops / flops_per_device_hour
+    out = {"flops": flops, "hardware": hw.name, "mfu": mfu, "device_hours": dh, "cost": run_cost(dh, hw)}
+    if gpus:
+        out["wall_days"] = dh / gpus / 24
+        out["gpus"] = gpus
+    if fit_path:
+        nd, c, _ = load_fit(fit_path)
+        if nd is not None:
+            opt = compute_optimal(nd, flops)
+            if smallest_N and opt["N"] < smallest_N:
+                raise LmforgeError(f"a budget of {flops:.3g} FLOPs is too small for even the smallest model "
+                                   f"({smallest_N:.3g} parameters)")
+            iv = nd.interval(opt["N"], opt["D"])
+            out.update(N=opt["N"], D=opt["D"], tokens_per_param=opt["tokens_per_param"], loss=iv["loss"],
+                       interval_80=iv["80%"], interval_95=iv["95%"])
+        else:
+            out.update(loss=c.predict(C=flops))
+    return out
+
+
+def plot_fit(fit_path, out_png, forecast_point: dict | None = None, actual: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    nd, c, d = load_fit(fit_path)
+    pts = [Point(**p) for p in d["points"]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    Ns = sorted({p.N for p in pts})
+    cmap = plt.get_cmap("viridis")
+    for i, N in enumerate(Ns):
+        col = cmap(i / max(1, len(Ns) - 1))
+        sel = sorted([p for p in pts if p.N == N], key=lambda p: p.C)
+        ax.scatter([p.C for p in sel], [p.loss for p in sel], color=col, zorder=3, label=f"N={N:.2g}")
+        if nd is not None:
+            Ds = np.logspace(np.log10(min(p.D for p in sel) / 2), np.log10(max(p.D for p in sel) * 2), 50)
+            ax.plot(6 * N * Ds, [nd.predict(N, D) for D in Ds], color=col, lw=1, alpha=0.7)
+    Cmax = max(p.C for p in pts) * (30 if not forecast_point else max(2, forecast_point["C"] / max(p.C for p in pts) * 2))
+    Cs = np.logspace(np.log10(min(p.C for p in pts) / 2), np.log10(Cmax), 100)
+    ax.plot(Cs, [c.predict(C=x) for x in Cs], "k--", lw=1, label="L(C) fit")
+    if forecast_point:
+        fc = forecast_point
+        lo, hi = fc["interval_95"]
+        lo80, hi80 = fc["interval_80"]
+        ax.errorbar([fc["C"]], [fc["loss"]], yerr=[[fc["loss"] - lo], [hi - fc["loss"]]], fmt="none", ecolor="C3", capsize=4, lw=1)
+        ax.errorbar([fc["C"]], [fc["loss"]], yerr=[[fc["loss"] - lo80], [hi80 - fc["loss"]]], fmt="s", color="C3", capsize=0, lw=3,
+                    label="forecast (80% / 95%)")
+        if actual is not None:
+            ax.scatter([fc["C"]], [actual], marker="*", s=160, color="C1", zorder=4, label=f"actual {actual:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def fmt_params(fit: ScalingFit) -> list[str]:
+    return [f"{k:>6} = {v:.4g} ± {fit.stderr.get(k, math.nan):.2g}" for k, v in fit.params.items()]

@@ -1,0 +1,177 @@
+"""The ladder: a grid of small training runs whose results a scaling law is fitted to.
+
+``plan_ladder`` turns a base training config into rungs (model size from the depth dial,
+tokens as multiples of 20 tokens per parameter) with per-rung hyperparameters from the
+size rules below, and prices every rung before anything runs. ``run_ladder`` trains the
+rungs as ordinary run directories under ``LADDER/rungs/``, skipping finished ones and
+resuming an interrupted one.
+
+Size rules (documented in docs/scaling.md):
+- learning rate scales as 1/width: ``lr = lr_ref * d_ref / d_model`` (the muP-style rule
+  that keeps per-layer update sizes comparable across widths), capped at ``lr_ref``;
+- batch size grows with model size as ``N^(1/3)`` from ``batch_ref`` at ``N_ref``, rounded to a
+  power of two (larger models tolerate and benefit from larger batches);
+- warmup is a fixed share of the rung's steps (``warmup_frac``, at least 10 steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.model.model import ModelConfig, flops_per_token, param_counts
+from lmforge.rundir import Manifest, atomic_write_json, read_manifest
+
+LADDER_FILE = "ladder.json"
+
+
+@dataclass
+class LadderConfig:
+    depths: list = field(default_factory=lambda: [1, 2, 3, 4])
+    multipliers: list = field(default_factory=lambda: [1, 2, 5, 10])  # x 20 tokens per parameter
+    tokens_per_param: float = 20.0
+    context: int = 256
+    lr_ref: float = 3e-3
+    d_ref: int = 128
+    batch_ref: int = 16
+    n_ref: float = 1e6
+    warmup_frac: float = 0.05
+    schedule: str = "cosine"
+    vocab_size: int = 0  # 0: from the data's tokenizer
+    seed: int = 1337
+    eval_batches: int = 32
+    precision: str = "auto"
+    hardware: str = "cpu"
+    expected_mfu: float = 0.25  # for the time and cost estimate before anything has run
+
+    def __post_init__(self):
+        if not self.depths or any(d < 1 for d in self.depths):
+            raise LmforgeError("ladder.depths must be a non-empty list of positive depths")
+        if not self.multipliers or any(m <= 0 for m in self.multipliers):
+            raise LmforgeError("ladder.multipliers must be a non-empty list of positive numbers")
+
+
+def rung_hparams(model: ModelConfig, cfg: LadderConfig) -> dict:
+    N = param_counts(model)["non_embedding"]
+    lr = min(cfg.lr_ref, cfg.lr_ref * cfg.d_ref / model.d_model)
+    raw_batch = cfg.batch_ref * (N / cfg.n_ref) ** (1 / 3)
+    batch = int(2 ** round(math.log2(max(1.0, raw_batch))))
+    return {"lr": lr, "batch_size": max(1, batch)}
+
+
+def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops: float | None = None) -> list[dict]:
+    """The rungs, smallest compute first, each with its N, D, steps, hyperparameters and cost estimate."""
+    from lmforge.cost.catalog import get_hardware, run_cost
+
+    hw = get_hardware(cfg.hardware)
+    peak = hw.peak("fp32" if cfg.precision == "fp32" else "bf16")
+    rungs = []
+    for depth in cfg.depths:
+        model = ModelConfig(depth=depth, vocab_size=cfg.vocab_size or vocab_size, context=cfg.context)
+        hp = rung_hparams(model, cfg)
+        N = param_counts(model)["non_embedding"]
+        fpt = flops_per_token(model)
+        for mult in cfg.multipliers:
+            tokens_target = mult * cfg.tokens_per_param * N
+            tokens_per_step = hp["batch_size"] * cfg.context
+            steps = max(10, math.ceil(tokens_target / tokens_per_step))
+            D = steps * tokens_per_step
+            flops = fpt * D
+            seconds = flops / (peak * cfg.expected_mfu)
+            rungs.append({
+                "name": f"d{depth}-x{mult:g}", "depth": depth, "multiplier": mult, "N": N,
+                "params_total": param_counts(model)["total"], "D": D, "steps": steps, "flops": flops,
+                "lr": hp["lr"], "batch_size": hp["batch_size"], "warmup_steps": max(10, int(cfg.warmup_frac * steps)),
+                "est_seconds": seconds, "est_cost": run_cost(seconds / 3600, hw),
+            })
+    rungs.sort(key=lambda r: r["flops"])
+    if budget_flops is not None:
+        total = sum(r["flops"] for r in rungs)
+        if rungs and rungs[0]["flops"] > budget_flops:
+            raise LmforgeError(f"budget {budget_flops:.3g} FLOPs is below even the smallest rung "
+                               f"({rungs[0]['name']}: {rungs[0]['flops']:.3g} FLOPs); raise the budget or use smaller depths")
+        if total > budget_flops:
+            kept, acc = [], 0.0
+            for r in rungs:
+                if acc + r["flops"] <= budget_flops:
+                    kept.append(r)
+                    acc += r["flops"]
+            rungs = kept
+    return rungs
+
+
+def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Path):
+    from lmforge.train.loop import TrainConfig
+
+    return TrainConfig(
+        data=str(data_dir), out=str(out_dir),
+        model=ModelConfig(depth=rung["depth"], vocab_size=cfg.vocab_size, context=cfg.context),
+        batch_size=rung["batch_size"], max_steps=rung["steps"], lr=rung["lr"], warmup_steps=rung["warmup_steps"],
+        schedule=cfg.schedule, eval_every=0, eval_batches=cfg.eval_batches, ckpt_every=max(50, rung["steps"] // 5),
+        log_every=max(1, rung["steps"] // 50), seed=cfg.seed, precision=cfg.precision, hardware=cfg.hardware,
+    )
+
+
+def create_ladder(ladder_dir, cfg: LadderConfig, data_dir: str, budget_flops: float | None = None) -> dict:
+    from lmforge.train.loop import open_tokens
+
+    _, td = open_tokens(data_dir)
+    rungs = plan_ladder(cfg, data_dir, td.vocab_size, budget_flops)
+    plan = {"config": asdict(cfg), "data": str(Path(data_dir).resolve()), "rungs": rungs,
+            "total_flops": sum(r["flops"] for r in rungs), "train_tokens_available": len(td.split("train"))}
+    ladder_dir = Path(ladder_dir)
+    ladder_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ladder_dir / LADDER_FILE, plan)
+    return plan
+
+
+def load_ladder(ladder_dir) -> dict:
+    p = Path(ladder_dir) / LADDER_FILE
+    if not p.exists():
+        raise LmforgeError(f"{p}: no ladder plan here; run `lmforge ladder plan -o {ladder_dir}` first")
+    return json.loads(p.read_text())
+
+
+def rung_done(run_dir: Path) -> bool:
+    m = run_dir / "manifest.json"
+    return m.exists() and json.loads(m.read_text()).get("status") == "complete"
+
+
+def run_ladder(ladder_dir, progress: bool = True) -> list[Path]:
+    """Train every rung not yet finished; return the rung run directories."""
+    from lmforge.train.loop import train
+
+    ladder_dir = Path(ladder_dir)
+    plan = load_ladder(ladder_dir)
+    cfg = LadderConfig(**plan["config"])
+    total = plan["total_flops"]
+    done_flops = 0.0
+    dirs = []
+    t0 = time.time()
+    for i, rung in enumerate(plan["rungs"]):
+        out = ladder_dir / "rungs" / rung["name"]
+        dirs.append(out)
+        if rung_done(out):
+            done_flops += rung["flops"]
+            continue
+        if progress:
+            eta = ""
+            if done_flops and time.time() - t0 > 1:
+                rate = done_flops / (time.time() - t0)
+                eta = f", ladder ETA {(total - done_flops) / rate / 60:.1f} min" if rate else ""
+            print(f"[ladder {i + 1}/{len(plan['rungs'])}] {rung['name']}: N={rung['N']:.3g} D={rung['D']:.3g} "
+                  f"({done_flops / total:.0%} of ladder compute done{eta})", flush=True)
+        tcfg = rung_train_config(rung, cfg, plan["data"], out)
+        train(tcfg, resume="auto", progress=progress)
+        done_flops += rung["flops"]
+    man = Manifest(ladder_dir, "ladder", plan["config"])
+    for d in dirs:
+        man.add_input(d.name, d)
+    man.set_metrics(rungs=len(dirs), total_flops=total)
+    man.finish()
+    return dirs
