@@ -37,7 +37,7 @@ class RunConfig:
     depth: int = 4
     context: int = 256
     batch_size: int = 16
-    steps: int = 800
+    steps: int = 1200
     lr: float = 3e-3
     warmup_steps: int = 50
     eval_every: int = 100
@@ -180,7 +180,7 @@ def run_cmd(
     out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run directory; re-running resumes it."),
     source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: the embedded stdlib corpus). Repeatable: dirs, .jsonl, .parquet, hf:NAME."),
     depth: int = typer.Option(4, "--depth", help="Model size dial."),
-    steps: int = typer.Option(800, "--steps", help="Training steps."),
+    steps: int = typer.Option(1200, "--steps", help="Training steps."),
     vocab_size: int = typer.Option(8192, "--vocab-size"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):

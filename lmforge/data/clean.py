@@ -50,7 +50,7 @@ class Deduper:
         self.db = sqlite3.connect(str(self.path))
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
-        self.db.execute("PRAGMA cache_size=-16000")  # 16 MB page cache, whatever the corpus size
+        self.db.execute("PRAGMA cache_size=-8000")  # an 8 MB page cache, whatever the corpus size
         self.db.execute("CREATE TABLE exact (h BLOB PRIMARY KEY) WITHOUT ROWID")
         self.near, self.threshold, self.num_perm, self.shingle, self.seed = near, threshold, num_perm, shingle, seed
         if near:

@@ -6,6 +6,7 @@ them: document boundaries (bos, eos), padding, and the chat roles post-training 
 
 from __future__ import annotations
 
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -72,7 +73,8 @@ def train_tokenizer(data_dir, out_dir, vocab_size: int = 8192, min_frequency: in
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=progress and sys.stderr.isatty())
     tok.train_from_iterator(_texts(data_dir, max_train_bytes), trainer=trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
