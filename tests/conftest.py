@@ -41,6 +41,33 @@ def tiny_data(tmp_path_factory):
     return data_dir, tok_dir
 
 
+@pytest.fixture(scope="session")
+def medium_data(tmp_path_factory):
+    """(data_dir, tokenizer_dir) for ~3.5 MB of stdlib modules, vocab 512: about a million train tokens.
+
+    For tests that must train past the chaotic early phase without repeating data, so that
+    a batch's tokens appear at exactly one step."""
+    from lmforge.data.prepare import DataConfig, prepare_data
+    from lmforge.data.shards import tokenize_data
+    from lmforge.tokenizer.train import train_tokenizer
+
+    base = tmp_path_factory.mktemp("medium")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    total = 0
+    for src in sorted(STDLIB.glob("*.py")):
+        if total > 3_500_000:
+            break
+        text = src.read_text(encoding="utf-8")
+        (corpus / src.name).write_text(text, encoding="utf-8")
+        total += len(text.encode())
+    data_dir, tok_dir = base / "data", base / "tok"
+    prepare_data([str(corpus)], data_dir, DataConfig(val_fraction=0.05, min_chars=16), progress=False)
+    train_tokenizer(data_dir, tok_dir, vocab_size=512, progress=False)
+    tokenize_data(data_dir, tok_dir, progress=False)
+    return data_dir, tok_dir
+
+
 def run_cli(*args, env=None, timeout=300):
     import subprocess
 

@@ -105,19 +105,21 @@ def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path):
 
 
 # 2. poisoned data: the run heals itself, quarantines the poisoned steps, and ends near a clean run
-def test_poisoned_batches_are_quarantined(tiny_data, tmp_path):
-    data_dir, _ = tiny_data
+def test_poisoned_batches_are_quarantined(medium_data, tmp_path):
+    data_dir, _ = medium_data
     poisoned_steps = [240, 241, 242, 243, 244]
     bad = poison(data_dir, tmp_path / "bad_data", poisoned_steps, batch=16, ctx=64)
-    # Big enough that the final loss is past the chaotic early phase, where any perturbation moves it by percents.
+    # Past the chaotic early phase (where any perturbation moves the final loss by percents), and under one
+    # epoch, so the poisoned windows are drawn at the poisoned steps and nowhere else.
     kw = dict(max_steps=600, batch_size=16, model=ModelConfig(depth=2, vocab_size=0, context=64), eval_every=300,
               eval_batches=16, log_every=10)
     clean = train(cfg_for(data_dir, tmp_path / "clean", **kw), progress=False)
     healed = train(cfg_for(bad, tmp_path / "healed", **kw), progress=False)
+    assert healed["metrics"]["epochs"] < 1
     q = set(json.loads((tmp_path / "healed" / "quarantine.json").read_text())["steps"])
     assert set(poisoned_steps) <= q
-    # The spike is caught on its first step, right after a checkpoint, so the quarantine is the poisoned steps
-    # plus at most a few natural outlier batches the detector also skipped.
+    # The spike is caught on its first step, so the quarantine is the poisoned steps (skipped, then rolled
+    # back over) plus at most a few natural outlier batches the detector also skipped.
     assert len(q - set(poisoned_steps)) <= 3, q
     kinds = [e["event"] for e in read_events(tmp_path / "healed")]
     assert "detected" in kinds and "quarantined" in kinds and kinds[-1] == "finished"

@@ -1,3 +1,5 @@
+"""``lmforge data``: the command-line face of :func:`lmforge.data.prepare.prepare_data`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,58 +7,116 @@ from typing import List, Optional
 
 import typer
 
+from lmforge.errors import LmforgeError
+
 
 def data_cmd(
-    sources: Optional[List[str]] = typer.Argument(None, help="Dirs, .jsonl, .parquet, hf:NAME[:SPLIT], save_to_disk dirs, "
-                                                            "default, default:stdlib+site. None: the embedded corpus."),
+    sources: Optional[List[str]] = typer.Argument(
+        None, show_default=False,
+        help="Where the text comes from, any mix of: a directory tree of text/code files; a .jsonl or .jsonl.gz "
+             "file; a .parquet file; a folder written by datasets' save_to_disk; hf:NAME[:SPLIT] (streamed from "
+             "the Hugging Face hub); default (this Python's standard library, ~32 MB) or default:stdlib+site "
+             "(plus site-packages' .py files). None given: default."),
     out: Path = typer.Option(Path("runs/data"), "--out", "-o", help="Data run directory to write."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Also tokenize into shards with this tokenizer."),
-    tokenize_only: bool = typer.Option(False, "--tokenize-only", help="Skip cleaning; tokenize an existing data dir."),
-    text_field: str = typer.Option("text", "--text-field", help="Field (JSONL) or column (parquet, datasets) with the text."),
-    min_chars: int = typer.Option(64, "--min-chars"),
-    max_chars: int = typer.Option(500_000, "--max-chars"),
-    near_dedup: bool = typer.Option(True, "--near-dedup/--no-near-dedup", help="MinHash near-duplicate removal."),
-    val_fraction: float = typer.Option(0.02, "--val-fraction"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="Tokenizer directory (from `lmforge tokenizer`): also tokenize the splits into "
+                                  "DATA/tokens/*.bin, which is what `lmforge train` reads."),
+    tokenize_only: bool = typer.Option(False, "--tokenize-only",
+                                       help="Skip cleaning: only tokenize the existing data run in --out (needs --tokenizer)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field",
+                                             help="JSONL field / parquet or datasets column holding the text (default: text)."),
+    min_chars: Optional[int] = typer.Option(None, "--min-chars", help="Drop shorter documents (default: 64)."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Drop longer documents (default: 500000)."),
+    near_dedup: Optional[bool] = typer.Option(None, "--near-dedup/--no-near-dedup", show_default=False,
+                                              help="MinHash near-duplicate removal (default: on)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                 help="Share of documents held out for validation, chosen by content "
+                                                      "hash so a document always lands in the same split (default: 0.02)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="TOML file with a `data` table: any DataConfig key, and `sources`."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any DataConfig key, e.g. --set num_perm=64"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary table."),
 ):
-    """Ingest, clean, deduplicate and split a corpus; with --tokenizer, tokenize it into shards.
+    """Ingest, clean, deduplicate and split a corpus; with --tokenizer, also tokenize it into shards.
+
+    Cleaning normalises Unicode (NFC), drops binary files and invalid UTF-8, filters by length, and removes exact and near duplicates (MinHash). Kept documents go to DATA/clean/{train,val}-*.jsonl; DATA/manifest.json records the sources' hashes, the config, and what was dropped and why.
 
     Examples:
 
-      lmforge data -o runs/data                              # the embedded corpus
+      lmforge data -o runs/data              (the embedded corpus)
 
-      lmforge data notes/ chats.jsonl --text-field body -o runs/mix
+      lmforge data docs/ chats.jsonl.gz --text-field body -o runs/mix
+
+      lmforge tokenizer runs/data -o runs/tok
 
       lmforge data -o runs/data --tokenizer runs/tok --tokenize-only
-    """
-    from rich.console import Console
-    from rich.table import Table
 
-    from lmforge.data.prepare import DataConfig, prepare_data
+    Precedence: defaults < --config file < flags < --set.
+    """
+    from lmforge.data.prepare import prepare_data
     from lmforge.data.shards import tokenize_data
 
     if tokenize_only:
         if tokenizer is None:
-            from lmforge.errors import LmforgeError
-
-            raise LmforgeError("--tokenize-only needs --tokenizer DIR")
+            raise LmforgeError("--tokenize-only needs --tokenizer DIR (a directory made by `lmforge tokenizer`)")
         man = tokenize_data(out, tokenizer, progress=not quiet)
     else:
-        cfg = DataConfig(min_chars=min_chars, max_chars=max_chars, dedup_near=near_dedup, val_fraction=val_fraction,
-                         text_field=text_field)
-        man = prepare_data(sources or ["default"], out, cfg, tokenizer_dir=tokenizer, progress=not quiet)
+        flags = {"text_field": text_field, "min_chars": min_chars, "max_chars": max_chars, "dedup_near": near_dedup,
+                 "val_fraction": val_fraction}
+        file_sources, cfg = data_config(config, {k: v for k, v in flags.items() if v is not None}, set_)
+        man = prepare_data(sources or file_sources or ["default"], out, cfg, tokenizer_dir=tokenizer,
+                           progress=not quiet)
+    if not quiet:
+        print_summary(man, out)
+
+
+def data_config(config: Optional[Path], flags: dict, overrides: Optional[List[str]]):
+    """(sources from the file or None, DataConfig) from a TOML file, flags and --set overrides."""
+    from lmforge.config import from_dict, load_toml, parse_overrides
+    from lmforge.data.prepare import DataConfig
+
+    table: dict = {}
+    if config is not None:
+        doc = load_toml(config)
+        table = doc["data"] if "data" in doc else doc  # a whole-run TOML, or a data-only one
+        if not isinstance(table, dict):
+            raise LmforgeError(f"{config}: 'data' must be a table, e.g. [data]")
+        table = dict(table)
+    sources = table.pop("sources", None)
+    if sources is not None and (not isinstance(sources, list) or not all(isinstance(s, str) for s in sources)):
+        raise LmforgeError(f"{config}: data.sources must be a list of strings, e.g. sources = [\"corpus/\"]")
+    over = parse_overrides(overrides)
+    over = {**{k: v for k, v in over.items() if k != "data"}, **over.get("data", {})}
+    merged = {**table, **flags, **over}
+    where = f"{config} / --set" if config else "--set"
+    return sources, from_dict(DataConfig, merged, where=where, prefix="data.")
+
+
+def print_summary(man: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     m = man["metrics"]
-    t = Table(title=f"data: {out}")
+    t = Table(title=f"lmforge data: {out}", title_justify="left")
     t.add_column("")
-    t.add_column("count", justify="right")
-    t.add_row("documents seen", f"{m['docs_seen']:,}")
-    t.add_row("kept", f"{m['docs_kept']:,}")
+    t.add_column("documents", justify="right")
+    t.add_column("MB", justify="right")
+    t.add_column("tokens", justify="right")
+    t.add_row("seen", f"{m['docs_seen']:,}", _mb(m.get("input_bytes", 0)), "")
+    t.add_row("kept", f"{m['docs_kept']:,}", _mb(m["bytes_train"] + m["bytes_val"]), "")
     for reason, n in m["dropped"].items():
-        t.add_row(f"  dropped: {reason}", f"{n:,}")
-    t.add_row("train docs / MB", f"{m['docs_train']:,} / {m['bytes_train'] / 1e6:.1f}")
-    t.add_row("val docs / MB", f"{m['docs_val']:,} / {m['bytes_val'] / 1e6:.1f}")
-    if "tokens_train" in m:
-        t.add_row("train tokens", f"{m['tokens_train']:,}")
-        t.add_row("val tokens", f"{m['tokens_val']:,}")
-        t.add_row("bytes per token", f"{m['bytes_per_token']}")
-    Console().print(t)
+        if n:
+            t.add_row(f"  dropped: {reason}", f"{n:,}", "", "")
+    for split in ("train", "val"):
+        tokens = f"{m[f'tokens_{split}']:,}" if f"tokens_{split}" in m else "-"
+        t.add_row(split, f"{m[f'docs_{split}']:,}", _mb(m[f"bytes_{split}"]), tokens)
+    console = Console()
+    console.print(t)
+    if "bytes_per_token" in m:
+        console.print(f"{m['bytes_per_token']} bytes/token, {m['token_dtype']} shards in {out / 'tokens'}")
+    else:
+        console.print(f"next: lmforge tokenizer {out} -o TOKDIR --tokenize")
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f}" if n_bytes >= 100_000 else f"{n_bytes / 1e6:.3f}"

@@ -31,8 +31,8 @@ def _walk(root: Path, suffixes: set[str], skip: set[str]) -> list[Path]:
     return out
 
 
-def default_corpus_files(variant: str = "stdlib") -> list[Path]:
-    """The files of the embedded corpus, in a deterministic order."""
+def default_corpus_paths(variant: str = "stdlib") -> list[Path]:
+    """The files of the embedded corpus, sorted so that every run reads them in the same order."""
     if variant not in VARIANTS:
         raise LmforgeError(f"unknown default corpus '{variant}'; use one of: {', '.join('default:' + v for v in VARIANTS)}")
     paths = sysconfig.get_paths()
@@ -45,11 +45,3 @@ def default_corpus_files(variant: str = "stdlib") -> list[Path]:
         files = sorted(set(files))
     return files
 
-
-def default_corpus_paths(variant: str = "stdlib") -> list[Path]:
-    """The root directories the embedded corpus is read from."""
-    paths = sysconfig.get_paths()
-    roots = [Path(paths["stdlib"])]
-    if variant == "stdlib+site":
-        roots += sorted({Path(paths["purelib"]), Path(paths["platlib"])})
-    return roots

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -31,25 +30,34 @@ DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "empty", "too_short", "t
 
 @dataclass
 class DataConfig:
-    min_chars: int = 64
+    """Settings of the data stage; a TOML ``[data]`` table and ``--set data.KEY=VALUE`` fill the same fields."""
+
+    min_chars: int = 64  # shorter documents are mostly stubs (empty __init__.py, one-line notes)
+    # Long enough to keep big, ordinary modules (the stdlib's largest real ones are ~300 KB); generated
+    # blobs beyond this are dropped.
     max_chars: int = 500_000
     dedup_exact: bool = True
     dedup_near: bool = True
-    near_threshold: float = 0.8
+    near_threshold: float = 0.8  # estimated Jaccard similarity of 5-word shingles
     num_perm: int = 128
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # ~0.5 MB of val text from the 32 MB stdlib corpus
     text_field: str = "text"
-    split_salt: str = "lmforge"
-    shard_bytes: int = 64 << 20
-    shard_tokens: int = 16_000_000
+    split_salt: str = "lmforge"  # change it to draw a different (still deterministic) val split
+    shard_bytes: int = 64 << 20  # cleaned JSONL shard size
+    shard_tokens: int = 16_000_000  # tokens per .bin shard
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
-            raise LmforgeError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
+            raise LmforgeError(f"val_fraction (--val-fraction) = {self.val_fraction}: must be between 0 and 1")
         if self.min_chars < 0 or self.max_chars <= self.min_chars:
-            raise LmforgeError(f"--min-chars {self.min_chars} / --max-chars {self.max_chars}: need 0 <= min < max")
+            raise LmforgeError(f"min_chars = {self.min_chars}, max_chars = {self.max_chars} (--min-chars, --max-chars): "
+                               "need 0 <= min_chars < max_chars")
         if not 0 < self.near_threshold <= 1:
-            raise LmforgeError(f"near_threshold {self.near_threshold}: must be in (0, 1]")
+            raise LmforgeError(f"near_threshold = {self.near_threshold}: must be in (0, 1]")
+        if self.num_perm < 2:
+            raise LmforgeError(f"num_perm = {self.num_perm}: must be at least 2 (64 or 128 are usual)")
+        if self.shard_bytes < 1 or self.shard_tokens < 1:
+            raise LmforgeError(f"shard_bytes = {self.shard_bytes}, shard_tokens = {self.shard_tokens}: must be positive")
 
 
 def split_of(h: bytes, salt: str, val_fraction: float) -> str:
@@ -77,12 +85,12 @@ class ShardWriter:
     def write(self, text: str) -> None:
         if self._f is None:
             self._open()
-        line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-        self._f.write(line)
-        self._size += len(line)
+        n_bytes = len(text.encode("utf-8"))
+        self._f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        self._size += n_bytes  # close enough to the line's size, for rolling shards
         self.docs += 1
         self.chars += len(text)
-        self.bytes += len(text.encode("utf-8"))
+        self.bytes += n_bytes
         if self._size >= self.shard_bytes:
             self._close_current()
 
@@ -95,88 +103,133 @@ class ShardWriter:
         if self._f is not None:
             self._close_current()
 
-
-def _progress(total: int | None, enabled: bool, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    if total is None:
-        cols = [SpinnerColumn(), TextColumn(label), TextColumn("{task.completed} docs"), TimeElapsedColumn()]
-    p = Progress(*cols, transient=True)
-    p.start()
-    return p
+    def abort(self) -> None:
+        """Drop the shard being written: a failed run must not leave a complete-looking file."""
+        if self._f is not None:
+            self._f.close()
+            (self.out_dir / f".{self._name}.tmp").unlink(missing_ok=True)
+            self._f = None
 
 
-def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, tokenizer_dir=None, progress: bool = True) -> dict:
-    """Clean, dedup and split ``sources`` into ``out_dir``; tokenize too when ``tokenizer_dir`` is given."""
+class _Bar:
+    """A rich progress bar (with ETA when the total is known), or nothing when quiet or not on a terminal."""
+
+    def __init__(self, label: str, total: int | None, enabled: bool):
+        self._p = None
+        if not (enabled and sys.stderr.isatty()):
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        if total is None:
+            cols = [SpinnerColumn(), TextColumn(label), TextColumn("{task.completed} docs"), TimeElapsedColumn()]
+        else:
+            cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("files"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn()]
+        self._p = Progress(*cols, transient=True)
+        self._task = self._p.add_task(label, total=total)
+        self._per_doc = total is None
+
+    def __enter__(self):
+        if self._p:
+            self._p.start()
+        return self
+
+    def tick(self, new_file: bool) -> None:
+        """Advance per document for streamed sources, per file when the file count is known."""
+        if self._p and (self._per_doc or new_file):
+            self._p.advance(self._task)
+
+    def __exit__(self, *exc):
+        if self._p:
+            self._p.stop()
+
+
+class _Run:
+    """The state of one prepare_data call: counters, writers, dedup index, running hashes."""
+
+    def __init__(self, out_dir: Path, cfg: DataConfig):
+        self.cfg = cfg
+        self.stats: Counter = Counter()
+        self.writers = {s: ShardWriter(out_dir / "clean", s, cfg.shard_bytes) for s in ("train", "val")}
+        self.dedup = Deduper(out_dir / ".dedup.sqlite", near=cfg.dedup_near, threshold=cfg.near_threshold,
+                             num_perm=cfg.num_perm)
+        self.corpus_h = hashlib.sha256()
+        self.in_bytes = 0
+
+    def add(self, raw: str) -> None:
+        """Clean one document and write it to its split, or count why it was dropped."""
+        try:
+            self.in_bytes += len(raw.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates, e.g. from a \ud800 escape in JSON
+            self.stats["invalid_utf8"] += 1
+            return
+        text = normalize(raw)
+        reason = _filter(text, self.cfg)
+        h = content_hash(text)
+        if reason is None and self.cfg.dedup_exact and self.dedup.is_exact_dup(h):
+            reason = "exact_dup"
+        if reason is None and self.dedup.is_near_dup(text):
+            reason = "near_dup"
+        if reason:
+            self.stats[reason] += 1
+            return
+        self.stats["kept"] += 1
+        self.corpus_h.update(h)
+        self.writers[split_of(h, self.cfg.split_salt, self.cfg.val_fraction)].write(text)
+
+    def close(self, ok: bool) -> None:
+        for w in self.writers.values():
+            w.close() if ok else w.abort()
+        self.dedup.close()
+
+    def dropped(self) -> dict:
+        return {r: self.stats[r] for r in DROP_REASONS}
+
+    def seen(self) -> int:
+        """Every document met, including files dropped before decoding (binary, invalid UTF-8)."""
+        return self.stats["kept"] + sum(self.dropped().values())
+
+
+def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, tokenizer_dir=None,
+                 progress: bool = True) -> dict:
+    """Clean, dedup and split ``sources`` into ``out_dir``; tokenize too when ``tokenizer_dir`` is given.
+
+    Returns the data manifest (as a dict). Raises LmforgeError for bad input: a missing path,
+    malformed JSONL, a missing text field, or a corpus from which no document survives.
+    """
     cfg = cfg or DataConfig()
-    sources = list(sources) or ["default"]
+    sources = [str(s) for s in sources] or ["default"]
     out_dir = Path(out_dir)
-    clean_dir = out_dir / "clean"
-    clean_dir.mkdir(parents=True, exist_ok=True)
-    for old in clean_dir.glob("*.jsonl"):
-        old.unlink()
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if tokenizer_dir is not None:
+        from lmforge.tokenizer.train import load_tokenizer
+
+        load_tokenizer(tokenizer_dir)  # fail now, not after minutes of cleaning
+    file_lists = {src: source_files(src) for src in sources}  # a missing path fails before anything is touched
+    _clear_outputs(out_dir)
     man = Manifest(out_dir, "data", {"sources": sources, **asdict(cfg)})
-    stats: Counter = Counter()
-    writers = {s: ShardWriter(clean_dir, s, cfg.shard_bytes) for s in ("train", "val")}
-    dedup = Deduper(out_dir / ".dedup.sqlite", near=cfg.dedup_near, threshold=cfg.near_threshold, num_perm=cfg.num_perm)
-    corpus_h = hashlib.sha256()
+    run = _Run(out_dir, cfg)
     t0 = time.time()
-    in_bytes = 0
     try:
         for src in sources:
-            files = source_files(src)
-            bar = _progress(len(files) if files is not None else None, progress, f"data {src}")
-            task = bar.add_task("read", total=len(files) if files else None) if bar else None
-            src_h = hashlib.sha256()
-            for doc_id, raw in _iter_with_progress(src, cfg.text_field, stats, bar, task):
-                stats["seen"] += 1
-                in_bytes += len(raw)
-                src_h.update(doc_id.encode() + b"\0" + raw.encode("utf-8", "surrogatepass") + b"\0")
-                text = normalize(raw)
-                reason = _filter(text, cfg)
-                if reason is None and cfg.dedup_exact:
-                    h = content_hash(text)
-                    if dedup.is_exact_dup(h):
-                        reason = "exact_dup"
-                else:
-                    h = content_hash(text)
-                if reason is None and dedup.is_near_dup(text):
-                    reason = "near_dup"
-                if reason:
-                    stats[reason] += 1
-                    continue
-                stats["kept"] += 1
-                corpus_h.update(h)
-                writers[split_of(h, cfg.split_salt, cfg.val_fraction)].write(text)
-            if bar:
-                bar.stop()
-            man.add_input(src, src if not src.startswith(("hf:", "default")) else out_dir, content_hash="sha256:" + src_h.hexdigest())
-            man.data["inputs"][src]["path"] = src if src.startswith(("hf:", "default")) else str(Path(src).resolve())
-    finally:
-        for w in writers.values():
-            w.close()
-        dedup.close()
-    stats["binary"] += 0  # make every reason appear in the report, zero or not
-    dropped = {r: stats[r] for r in DROP_REASONS}
-    if stats["kept"] == 0:
-        why = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "no documents found"
-        raise LmforgeError(f"empty corpus: no documents kept from {', '.join(sources)} ({why}); "
-                           "check the paths, --text-field and --min-chars")
-    if writers["train"].docs == 0:
-        raise LmforgeError(f"every kept document fell in the val split; lower --val-fraction (now {cfg.val_fraction})")
-    for split, w in writers.items():
-        man.add_output(f"clean_{split}", clean_dir, files=w.files)
+            src_hash = _read_source(src, file_lists[src], run, progress)
+            man.data["inputs"][src] = {"path": _source_path(src), "hash": src_hash,
+                                       "files": len(file_lists[src]) if file_lists[src] is not None else None}
+    except BaseException:
+        run.close(ok=False)
+        raise
+    run.close(ok=True)
+    _check_not_empty(run, sources, cfg)
+    for split, w in run.writers.items():
+        man.add_output(f"clean_{split}", out_dir / "clean", files=w.files)
     elapsed = time.time() - t0
-    man.set_metrics(docs_seen=stats["seen"], docs_kept=stats["kept"], dropped=dropped,
-                    docs_train=writers["train"].docs, docs_val=writers["val"].docs,
-                    chars_train=writers["train"].chars, chars_val=writers["val"].chars,
-                    bytes_train=writers["train"].bytes, bytes_val=writers["val"].bytes,
-                    input_mb_per_s=round(in_bytes / 1e6 / elapsed, 2) if elapsed > 0 else None,
-                    corpus_hash="sha256:" + corpus_h.hexdigest())
+    tr, va = run.writers["train"], run.writers["val"]
+    man.set_metrics(docs_seen=run.seen(), docs_kept=run.stats["kept"], dropped=run.dropped(),
+                    docs_train=tr.docs, docs_val=va.docs, chars_train=tr.chars, chars_val=va.chars,
+                    bytes_train=tr.bytes, bytes_val=va.bytes, input_bytes=run.in_bytes,
+                    clean_seconds=round(elapsed, 2),
+                    input_mb_per_s=round(run.in_bytes / 1e6 / elapsed, 2) if elapsed > 0 else None,
+                    corpus_hash="sha256:" + run.corpus_h.hexdigest())
     man.finish()
     if tokenizer_dir is not None:
         from lmforge.data.shards import tokenize_data
@@ -185,15 +238,42 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, tok
     return man.data
 
 
-def _iter_with_progress(src, text_field, stats, bar, task):
+def _clear_outputs(out_dir: Path) -> None:
+    """Remove what an earlier run left, so no stale clean shard or token index looks current."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for pattern in ("clean/*.jsonl", "clean/.*.tmp", "tokens/index.json", "tokens/*.bin", "tokens/.*.tmp"):
+        for old in out_dir.glob(pattern):
+            old.unlink()
+    (out_dir / "clean").mkdir(parents=True, exist_ok=True)
+
+
+def _read_source(src: str, files: list[Path] | None, run: _Run, progress: bool) -> str:
+    """Feed every document of one source to ``run``; returns a hash of the source's raw content."""
+    src_h = hashlib.sha256()
     last_file = None
-    for doc_id, text in iter_source(src, text_field, stats):
-        if bar is not None:
-            file_part = doc_id.split(":")[0].split("#")[0]
-            if bar.tasks[0].total is None or file_part != last_file:
-                bar.advance(task)
+    with _Bar(f"data {src}", len(files) if files is not None else None, progress) as bar:
+        for doc_id, raw in iter_source(src, run.cfg.text_field, run.stats, files):
+            src_h.update(doc_id.encode("utf-8", "surrogatepass") + b"\0" + raw.encode("utf-8", "surrogatepass") + b"\0")
+            run.add(raw)
+            file_part = doc_id.split("#")[0].rsplit(":", 1)[0] if files is not None else None
+            bar.tick(file_part != last_file)
             last_file = file_part
-        yield doc_id, text
+    return "sha256:" + src_h.hexdigest()
+
+
+def _source_path(src: str) -> str:
+    if src.startswith(("hf:", "default")) and not Path(src).exists():
+        return src
+    return str(Path(src).resolve())
+
+
+def _check_not_empty(run: _Run, sources: list[str], cfg: DataConfig) -> None:
+    if run.stats["kept"] == 0:
+        why = ", ".join(f"{k} {v}" for k, v in run.dropped().items() if v) or "no documents found"
+        raise LmforgeError(f"empty corpus: no documents kept from {', '.join(sources)} ({why}); "
+                           f"check the paths, --text-field (now '{cfg.text_field}') and --min-chars (now {cfg.min_chars})")
+    if run.writers["train"].docs == 0:
+        raise LmforgeError(f"every kept document fell in the val split; lower --val-fraction (now {cfg.val_fraction})")
 
 
 def _filter(text: str, cfg: DataConfig) -> str | None:
@@ -218,6 +298,7 @@ def clean_files(data_dir, split: str) -> list[Path]:
 
 
 def iter_clean(data_dir, split: str):
+    """The cleaned documents of one split, in order, one at a time."""
     for f in clean_files(data_dir, split):
         with open(f, encoding="utf-8") as fh:
             for line in fh:

@@ -3,9 +3,10 @@
 A source string is one of:
 - ``default`` or ``default:stdlib+site``: the embedded corpus;
 - a directory: every text file under it (binary files are counted and skipped);
-- a file ending in ``.jsonl`` / ``.jsonl.gz`` / ``.json`` (JSON lines) with a text field;
-- a ``.parquet`` file, or a directory of them is read as a tree of text files unless it
-  holds only parquet files;
+- a file ending in ``.jsonl`` / ``.jsonl.gz`` / ``.ndjson`` (JSON lines) with a text field;
+  any other file (``.json`` included) is one plain-text document;
+- a ``.parquet`` file with a text column (a directory of them works as a tree: every
+  ``.parquet`` and ``.jsonl`` file inside is read as records);
 - ``hf:NAME`` or ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT``: a Hugging Face dataset, streamed;
 - a folder written by ``datasets.Dataset.save_to_disk``.
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+from contextlib import contextmanager
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -39,34 +42,45 @@ def decode_bytes(raw: bytes, stats: Counter) -> str | None:
         return None
 
 
-def describe(source: str) -> str:
-    return source
-
-
 def source_files(source: str) -> list[Path] | None:
     """The files a file-based source reads (for hashing and progress), or None for streamed sources."""
     if source.startswith("hf:"):
         return None
     if source == "default" or source.startswith("default:"):
-        from lmforge.data.corpus import default_corpus_files
+        from lmforge.data.corpus import default_corpus_paths
 
         variant = source.split(":", 1)[1] if ":" in source else "stdlib"
-        return default_corpus_files(variant)
+        return default_corpus_paths(variant)
     p = Path(source)
     if not p.exists():
-        raise LmforgeError(f"{source}: no such file or directory")
+        raise LmforgeError(f"{source}: no such file or directory; a source is a directory, a .jsonl or .parquet "
+                           "file, a datasets save_to_disk folder, hf:NAME[:SPLIT], or default")
     if p.is_dir():
         if _is_hf_disk_dataset(p):
             return None
-        return [f for f in sorted(p.rglob("*")) if f.is_file() and not f.is_symlink() and "__pycache__" not in f.parts]
+        return _tree_files(p)
     return [p]
+
+
+def _tree_files(root: Path) -> list[Path]:
+    """Every regular file under ``root``, sorted, skipping hidden and cache directories (.git, __pycache__)."""
+    out = []
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).parts[:-1]
+        if any(part.startswith(".") or part == "__pycache__" for part in rel):
+            continue
+        if f.is_file() and not f.is_symlink():
+            out.append(f)
+    return out
 
 
 def _is_hf_disk_dataset(p: Path) -> bool:
     return (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()
 
 
-def iter_source(source: str, text_field: str, stats: Counter) -> Iterator[tuple[str, str]]:
+def iter_source(source: str, text_field: str, stats: Counter,
+                files: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+    """``(doc_id, text)`` for every document of ``source``; ``files`` reuses a source_files() listing."""
     if source.startswith("hf:"):
         yield from _iter_hf_hub(source, text_field)
         return
@@ -74,7 +88,7 @@ def iter_source(source: str, text_field: str, stats: Counter) -> Iterator[tuple[
     if p.is_dir() and _is_hf_disk_dataset(p):
         yield from _iter_hf_disk(p, text_field)
         return
-    for f in source_files(source):
+    for f in files if files is not None else source_files(source):
         yield from iter_file(f, text_field, stats)
 
 
@@ -87,7 +101,7 @@ def iter_file(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str, s
     else:
         try:
             raw = f.read_bytes()
-        except OSError as e:
+        except OSError:  # a permission-denied file among thousands should not stop the run
             stats["unreadable"] += 1
             return
         text = decode_bytes(raw, stats)
@@ -129,29 +143,44 @@ def _iter_parquet(f: Path, text_field: str) -> Iterator[tuple[str, str]]:
         pf = pq.ParquetFile(f)
     except Exception as e:
         raise LmforgeError(f"{f}: not a readable parquet file ({e})") from None
-    if text_field not in pf.schema_arrow.names:
-        raise LmforgeError(f"{f}: no column '{text_field}' (found: {', '.join(pf.schema_arrow.names[:8])}); "
+    import pyarrow as pa
+
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise LmforgeError(f"{f}: no column '{text_field}' (found: {', '.join(schema.names[:8])}); "
                            "pick the column with --text-field")
+    col_type = schema.field(text_field).type
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+        raise LmforgeError(f"{f}: column '{text_field}' holds {col_type}, not text; pick a text column with --text-field")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+    for batch in pf.iter_batches(columns=[text_field], batch_size=256):
         for text in batch.column(0).to_pylist():
             row += 1
-            if isinstance(text, str):
-                yield f"{f}#{row}", text
+            yield f"{f}#{row}", text or ""  # a null counts as an empty document
 
 
 def _check_field(features, text_field: str, where: str) -> None:
-    if features is not None and text_field not in features:
+    if features is None:  # some streamed datasets only know their columns once read
+        return
+    if text_field not in features:
         raise LmforgeError(f"{where}: no column '{text_field}' (found: {', '.join(list(features)[:8])}); "
                            "pick the column with --text-field")
+    dtype = getattr(features[text_field], "dtype", None)
+    if dtype not in (None, "string", "large_string"):
+        raise LmforgeError(f"{where}: column '{text_field}' holds {dtype}, not text; pick a text column with --text-field")
 
 
 def _iter_rows(ds, text_field: str, where: str) -> Iterator[tuple[str, str]]:
     _check_field(getattr(ds, "features", None), text_field, where)
     for i, rec in enumerate(ds):
-        text = rec.get(text_field)
-        if isinstance(text, str):
-            yield f"{where}#{i}", text
+        if text_field not in rec:
+            raise LmforgeError(f"{where}: row {i} has no column '{text_field}' (found: {', '.join(list(rec)[:8])}); "
+                               "pick the column with --text-field")
+        text = rec[text_field]
+        if text is not None and not isinstance(text, str):
+            raise LmforgeError(f"{where}: column '{text_field}' holds {type(text).__name__}, not text; "
+                               "pick a text column with --text-field")
+        yield f"{where}#{i}", text or ""
 
 
 def _iter_hf_disk(p: Path, text_field: str) -> Iterator[tuple[str, str]]:
@@ -174,8 +203,39 @@ def _iter_hf_hub(source: str, text_field: str) -> Iterator[tuple[str, str]]:
         split = parts[1]
     elif len(parts) >= 3:
         config, split = parts[1], parts[2]
+    if not name:
+        raise LmforgeError(f"{source}: no dataset name; write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    with _quiet_hub_logs():
+        try:
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        except Exception as e:  # the hub is a network service: report, don't dump a traceback
+            raise LmforgeError(f"{source}: cannot load the Hugging Face dataset ({_first_line(e)})") from None
+        rows = _iter_rows(ds, text_field, source)
+        while True:
+            try:
+                item = next(rows)
+            except StopIteration:
+                return
+            except LmforgeError:
+                raise
+            except Exception as e:  # a dropped connection mid-stream
+                raise LmforgeError(f"{source}: reading the Hugging Face dataset failed ({_first_line(e)})") from None
+            yield item
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+@contextmanager
+def _quiet_hub_logs():
+    """Keep the hub client's retry warnings off stderr, where errors must be a single line."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as e:  # the hub is a network service: report, don't dump a traceback
-        raise LmforgeError(f"{source}: cannot load the Hugging Face dataset ({str(e).splitlines()[0][:200]})") from None
-    yield from _iter_rows(ds, text_field, source)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.model.fused import linear_cross_entropy
 
 
 @dataclass
@@ -69,7 +70,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Written out, not F.rms_norm: on CPU that is unfused too, and vector_norm reads x in one pass.
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + self.eps)
+        return x * rstd * self.weight
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,10 +84,24 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin broadcastable to it."""
+    """Rotate x (..., D) by the angles whose cos/sin broadcast to it, in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v over (B, H, T, D) tensors.
+
+    SDPA's fused kernel wins on GPUs and at long context, but on a CPU in bf16 at short
+    context its backward is slow: plain batched matmuls with the mask folded into one
+    baddbmm are about twice as fast there (the T x T scores are small at T <= 512).
+    """
+    B, H, T, D = q.shape
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or T > 512:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -97,21 +114,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K = self.n_head, self.n_kv_head
+        qk, v = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim).split([H + K, K], dim=2)
+        # RoPE rotates q and k together, in the activations' dtype (bf16 under autocast).
+        q, k = apply_rope(qk, cos.to(qk.dtype), sin.to(qk.dtype)).split([H, K], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1)
+        if attn_mask is None and cache is None:
+            y = causal_attention(q, k, v)
+        elif attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -180,11 +197,11 @@ class GPT(nn.Module):
             start = cache.length if cache is not None else 0
             if start + T > self.cfg.context:
                 raise LmforgeError(f"sequence of {start + T} tokens exceeds model.context = {self.cfg.context}")
-            cos = self.rope_cos[start : start + T][None, None]
-            sin = self.rope_sin[start : start + T][None, None]
+            cos = self.rope_cos[start : start + T][None, :, None]  # (1, T, 1, D), broadcast over batch and heads
+            sin = self.rope_sin[start : start + T][None, :, None]
         else:
-            cos = self.rope_cos[positions][:, None]
-            sin = self.rope_sin[positions][:, None]
+            cos = self.rope_cos[positions][:, :, None]  # (B, T, 1, D)
+            sin = self.rope_sin[positions][:, :, None]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache.layer(i) if cache is not None else None, attn_mask)
@@ -193,14 +210,13 @@ class GPT(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        return chunked_cross_entropy(x, self.lm_head.weight, targets)
+        return linear_cross_entropy(x, self.lm_head.weight, targets)
 
 
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Mean cross-entropy of ``x @ weight.T`` against ``targets`` without holding all fp32 logits.
+    """Mean cross-entropy of ``x @ weight.T`` in plain autograd ops, a row chunk at a time; -1 is ignored.
 
-    At large vocab the full logits tensor dominates activation memory; computing the
-    loss in row chunks keeps only one chunk's logits alive at a time. Targets of -1 are ignored.
+    The reference that ``linear_cross_entropy`` (what ``GPT.forward`` uses) is tested against.
     """
     x = x.reshape(-1, x.shape[-1])
     targets = targets.reshape(-1)

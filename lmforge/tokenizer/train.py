@@ -2,20 +2,26 @@
 
 The special tokens come first, with fixed ids, so that every lmforge tokenizer agrees on
 them: document boundaries (bos, eos), padding, and the chat roles post-training uses.
+The output directory holds ``tokenizer.json`` plus the config files that let
+``transformers.AutoTokenizer.from_pretrained(DIR)`` load it with bos/eos/pad set.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.rundir import Manifest, hash_file, read_manifest
+from lmforge.rundir import Manifest, read_manifest
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_NAMES = ["bos", "eos", "pad", "system", "user", "assistant", "end"]
 BYTE_ALPHABET = 256
+# ~40 MB of text trains a vocabulary of a few thousand merges to within a hair of what the
+# whole corpus gives, in well under a minute on two cores; more mostly costs time.
+DEFAULT_MAX_TRAIN_BYTES = 40_000_000
+VAL_SAMPLE_BYTES = 4_000_000
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -23,10 +29,12 @@ CHAT_TEMPLATE = (
 
 
 def min_vocab_size() -> int:
+    """Special tokens, the 256 byte tokens, and at least one merge."""
     return len(SPECIAL_TOKENS) + BYTE_ALPHABET + 1
 
 
 def load_tokenizer(tokenizer_dir):
+    """The ``tokenizers.Tokenizer`` saved in a tokenizer directory."""
     from tokenizers import Tokenizer
 
     p = Path(tokenizer_dir) / "tokenizer.json"
@@ -34,40 +42,45 @@ def load_tokenizer(tokenizer_dir):
         raise LmforgeError(f"{p}: not found; train one with `lmforge tokenizer DATA -o {tokenizer_dir}`")
     try:
         return Tokenizer.from_file(str(p))
-    except Exception as e:
-        raise LmforgeError(f"{p}: not a valid tokenizer file ({e})") from None
+    except Exception as e:  # the Rust side raises a bare Exception for any parse error
+        raise LmforgeError(f"{p}: not a valid tokenizer file ({str(e).splitlines()[0][:200]})") from None
 
 
 def special_ids(tok) -> dict:
-    names = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "system": "<|system|>", "user": "<|user|>",
-             "assistant": "<|assistant|>", "end": "<|end|>"}
-    out = {k: tok.token_to_id(v) for k, v in names.items()}
+    """``{"bos": 0, "eos": 1, "pad": 2, "system": 3, ...}``; None for a token the tokenizer lacks (eos is required)."""
+    out = {name: tok.token_to_id(token) for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
     if out["eos"] is None:
         raise LmforgeError("the tokenizer has no <|eos|> token; train it with `lmforge tokenizer`")
     return out
 
 
-def _texts(data_dir, max_bytes: int | None):
+def _train_texts(data_dir, max_bytes: int | None):
+    """The train split's documents, stopping once ``max_bytes`` of UTF-8 have been handed out."""
     from lmforge.data.prepare import iter_clean
 
     seen = 0
     for text in iter_clean(data_dir, "train"):
         yield text
-        seen += len(text)
+        seen += len(text.encode("utf-8"))
         if max_bytes and seen >= max_bytes:
             return
 
 
 def train_tokenizer(data_dir, out_dir, vocab_size: int = 8192, min_frequency: int = 2,
-                    max_train_bytes: int | None = 40_000_000, progress: bool = True) -> dict:
+                    max_train_bytes: int | None = DEFAULT_MAX_TRAIN_BYTES, progress: bool = True) -> dict:
+    """Train a byte-level BPE on ``data_dir``'s train split and save it to ``out_dir``; returns the manifest."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < min_vocab_size():
         raise LmforgeError(f"--vocab-size {vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and "
                            f"{BYTE_ALPHABET} byte tokens need at least {min_vocab_size()}")
+    if min_frequency < 1:
+        raise LmforgeError(f"--min-frequency {min_frequency}: must be at least 1")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    read_manifest(data_dir, expect_stage="data")
+    data_man = read_manifest(data_dir, expect_stage="data")
+    if data_man.get("status") != "complete":
+        raise LmforgeError(f"{data_dir}/manifest.json: status '{data_man.get('status')}'; rerun `lmforge data` first")
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # a crash while saving must not look complete
     t0 = time.time()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -75,29 +88,45 @@ def train_tokenizer(data_dir, out_dir, vocab_size: int = 8192, min_frequency: in
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=progress and sys.stderr.isatty())
-    tok.train_from_iterator(_texts(data_dir, max_train_bytes), trainer=trainer)
+    tok.train_from_iterator(_train_texts(data_dir, max_train_bytes), trainer=trainer)
+    train_seconds = time.time() - t0
+    _save(tok, out_dir)
+    ids = special_ids(tok)
+    man = Manifest(out_dir, "tokenizer", {"vocab_size": vocab_size, "min_frequency": min_frequency,
+                                          "max_train_bytes": max_train_bytes, "special_tokens": SPECIAL_TOKENS})
+    # The corpus hash, not the manifest's: tokenizing later rewrites the data manifest, not the corpus.
+    man.add_input("data", data_dir, content_hash=data_man["metrics"].get("corpus_hash"))
+    man.add_output("tokenizer", out_dir / "tokenizer.json", hash_it=True)
+    bpt = bytes_per_token(tok, data_dir)
+    man.set_metrics(vocab_size=tok.get_vocab_size(), special_ids=ids, bytes_per_token=bpt, val_bytes_per_token=bpt,
+                    train_seconds=round(train_seconds, 2))
+    man.finish()
+    return man.data
+
+
+def _save(tok, out_dir: Path) -> None:
+    """tokenizer.json plus the transformers config files (bos/eos/pad, chat template)."""
+    from transformers import PreTrainedTokenizerFast
+
     out_dir.mkdir(parents=True, exist_ok=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
                                    additional_special_tokens=SPECIAL_TOKENS[3:])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
-    bpt = bytes_per_token(tok, data_dir)
-    man = Manifest(out_dir, "tokenizer", {"vocab_size": vocab_size, "min_frequency": min_frequency,
-                                          "max_train_bytes": max_train_bytes, "special_tokens": SPECIAL_TOKENS})
-    man.add_input("data", data_dir)
-    man.add_output("tokenizer", out_dir / "tokenizer.json", hash_it=True)
-    man.set_metrics(vocab_size=tok.get_vocab_size(), special_ids=special_ids(tok), val_bytes_per_token=bpt,
-                    train_seconds=round(time.time() - t0, 2))
-    man.finish()
-    return man.data
 
 
-def bytes_per_token(tok, data_dir, max_docs: int = 2000) -> float:
-    """Compression on the val split: UTF-8 bytes per token (higher is better)."""
+def bytes_per_token(tok, data_dir, max_bytes: int = VAL_SAMPLE_BYTES) -> float | None:
+    """Compression on (the first ``max_bytes`` of) the val split: UTF-8 bytes per token, higher is better."""
     from lmforge.data.prepare import iter_clean
 
-    texts = list(islice(iter_clean(data_dir, "val"), max_docs))
-    if not texts:
-        return float("nan")
-    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
-    return round(sum(len(t.encode("utf-8")) for t in texts) / max(1, n_tokens), 4)
+    n_bytes = 0
+    batch: list[str] = []
+    for text in iter_clean(data_dir, "val"):
+        batch.append(text)
+        n_bytes += len(text.encode("utf-8"))
+        if n_bytes >= max_bytes:
+            break
+    if not batch:
+        return None  # an empty val split (tiny corpora); JSON has no NaN
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
+    return round(n_bytes / max(1, n_tokens), 4)
