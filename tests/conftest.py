@@ -51,16 +51,10 @@ def medium_data(tmp_path_factory):
     from lmforge.data.shards import tokenize_data
     from lmforge.tokenizer.train import train_tokenizer
 
+    from lmforge.data.corpus import write_stdlib_sample
+
     base = tmp_path_factory.mktemp("medium")
-    corpus = base / "corpus"
-    corpus.mkdir()
-    total = 0
-    for src in sorted(STDLIB.glob("*.py")):
-        if total > 3_500_000:
-            break
-        text = src.read_text(encoding="utf-8")
-        (corpus / src.name).write_text(text, encoding="utf-8")
-        total += len(text.encode())
+    corpus = write_stdlib_sample(base / "corpus", 3_500_000)
     data_dir, tok_dir = base / "data", base / "tok"
     prepare_data([str(corpus)], data_dir, DataConfig(val_fraction=0.05, min_chars=16), progress=False)
     train_tokenizer(data_dir, tok_dir, vocab_size=512, progress=False)
@@ -74,3 +68,22 @@ def run_cli(*args, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def signal_when(args, path, sig, delay, env=None, timeout=120):
+    """Start ``python -m lmforge ARGS``, wait until ``path`` exists, wait ``delay`` s, send ``sig``;
+    return (returncode, stderr)."""
+    import subprocess
+    import time
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, args)], env=full_env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t_end = time.time() + timeout
+    while time.time() < t_end and p.poll() is None and not Path(path).exists():
+        time.sleep(0.02)
+    time.sleep(delay)
+    if p.poll() is None:
+        p.send_signal(sig)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err

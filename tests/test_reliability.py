@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, signal_when
 from lmforge.errors import LmforgeError
 from lmforge.model.io import load_model
 from lmforge.model.model import ModelConfig
@@ -199,15 +199,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(tiny_data, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "r"
-    p = subprocess.Popen([sys.executable, "-m", "lmforge", *args, "-o", str(run)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t_end = time.time() + 120
-    while time.time() < t_end and not (run / "metrics.jsonl").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + signal.SIGTERM, err
+    code, err = signal_when([*args, "-o", run], run / "metrics.jsonl", signal.SIGTERM, 0.5)
+    assert code == 128 + signal.SIGTERM, err
     assert "interrupted by signal 15" in err
     man = json.loads((run / "manifest.json").read_text())
     assert man["status"] == "interrupted"
@@ -266,3 +259,12 @@ def test_status_shows_the_timeline(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr
     for word in ("detected", "rolled_back", "quarantined", "finished", "recovered"):
         assert word in res.stdout
+
+
+def test_validation_stall_is_reported(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    # An lr too small to move fp32 weights: the val loss cannot improve, so the stall warning must fire once.
+    train(cfg_for(data_dir, tmp_path / "r", max_steps=30, eval_every=5, lr=1e-12,
+                  guard=GuardConfig(val_stall_evals=2)), progress=False)
+    stalls = [e for e in read_events(tmp_path / "r") if e["event"] == "val_stall"]
+    assert len(stalls) == 1 and stalls[0]["step"] == 15 and stalls[0]["evals"] == 2

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import from_dict, parse_overrides
+from lmforge.config import parse_overrides
 from lmforge.errors import LmforgeError
 from lmforge.train.batches import BatchSource, val_batches
 from lmforge.train.loop import TrainConfig, config_from_sources
@@ -63,6 +63,9 @@ def test_val_batches_are_fixed():
     # split over 2 ranks with half the per-rank batch: the same windows, just dealt out
     halves = [x for r in range(2) for x, _ in val_batches(toks, 16, 2, 3, rank=r, world=2)]
     assert sorted(map(tuple, torch.cat(halves).tolist())) == sorted(map(tuple, torch.cat(a).tolist()))
+    # the 12 windows are spread over the whole split, not taken from its start
+    starts = sorted(int(r[0]) for r in torch.cat(a))
+    assert starts[0] == 0 and starts[-1] > 1000 * 0.8 and len(set(starts)) == 12
 
 
 def test_config_rejects_unknown_keys_and_bad_types():

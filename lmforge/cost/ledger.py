@@ -54,12 +54,12 @@ def ledger(paths) -> dict:
     return {"runs": rows, "groups": groups, "total": total}
 
 
-def inference_cost(tokens_per_s: float, hardware: str, devices: int = 1) -> dict:
+def inference_cost(tokens_per_s: float, hardware: str, devices: int = 1, catalog=None) -> dict:
     from lmforge.cost.catalog import get_hardware
 
     if tokens_per_s <= 0:
         raise LmforgeError("--tokens-per-s must be positive")
-    hw = get_hardware(hardware)
+    hw = get_hardware(hardware, catalog)
     usd_per_hour = hw.usd_per_hour * devices
     return {"hardware": hw.name, "devices": devices, "tokens_per_s": tokens_per_s,
             "usd_per_million_tokens": usd_per_hour / (tokens_per_s * 3600) * 1e6,

@@ -45,3 +45,18 @@ def default_corpus_paths(variant: str = "stdlib") -> list[Path]:
         files = sorted(set(files))
     return files
 
+
+
+def write_stdlib_sample(dest, max_bytes: int) -> Path:
+    """Copy the standard library's top-level modules, in name order, into ``dest`` until about
+    ``max_bytes`` of text: a small real corpus for tests and benchmarks."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for src in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if total > max_bytes:
+            break
+        text = src.read_text(encoding="utf-8")
+        (dest / src.name).write_text(text, encoding="utf-8")
+        total += len(text.encode())
+    return dest

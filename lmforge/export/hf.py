@@ -22,7 +22,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.io import load_model, save_model, unwrap
-from lmforge.model.model import GPT, ModelConfig, build_model
+from lmforge.model.model import ModelConfig, build_model
 from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, hash_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

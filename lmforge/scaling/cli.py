@@ -13,8 +13,28 @@ from rich.table import Table
 ladder_app = typer.Typer(help="Plan and run a ladder of small training runs for a scaling-law fit.", no_args_is_help=True)
 
 
-def _parse_list(text: str, cast) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()]
+def si(x: float) -> str:
+    """Compact counts for tables: 53.4k, 1.5M, 2.09T."""
+    for div, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _console() -> Console:
+    # Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 columns there).
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _parse_list(text: str, cast, flag: str) -> list:
+    from lmforge.errors import LmforgeError
+
+    try:
+        return [cast(float(x)) if cast is int and float(x).is_integer() else cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LmforgeError(f"{flag} {text!r}: expected comma-separated numbers, for example {flag} 1,2,4") from None
 
 
 @ladder_app.command("plan")
@@ -23,30 +43,36 @@ def ladder_plan_cmd(
     out: Path = typer.Option(Path("runs/ladder"), "--out", "-o", help="Ladder directory to create."),
     depths: str = typer.Option("1,2,3,4", "--depths", help="Comma-separated depth dial values."),
     multipliers: str = typer.Option("1,2,5,10", "--multipliers", help="Token budgets as multiples of 20 tokens/param."),
+    tokens: str = typer.Option("", "--tokens", help="Fixed token budgets for every depth instead, e.g. 1e6,2e6,4e6."),
     context: int = typer.Option(256, "--context"),
     hardware: str = typer.Option("cpu", "--hardware", help="Catalog name used to price the rungs."),
     budget: Optional[float] = typer.Option(None, "--budget-flops", help="Drop the largest rungs beyond this total."),
+    target: Optional[float] = typer.Option(None, "--target-flops", help="Compute of the run the ladder will forecast: "
+                                           "keep each rung under 1/10 of it and the ladder under 1/3."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML with a [ladder] table of LadderConfig keys."),
 ):
     """Propose a grid of rungs and show each rung's cost before anything runs.
 
-    Example: lmforge ladder plan --data runs/default/data --depths 1,2,3,4 -o runs/ladder
+    Examples: lmforge ladder plan --data runs/default/data --depths 1,2,3,4 -o runs/ladder
+              lmforge ladder plan --data runs/big/data --depths 1,2,3,4 --tokens 1e6,2e6,4e6,8e6 --target-flops 5e14
     """
     from lmforge.config import from_dict, load_toml
     from lmforge.scaling.ladder import LadderConfig, create_ladder
 
     raw = load_toml(config).get("ladder", {}) if config else {}
-    raw.update({"depths": _parse_list(depths, int), "multipliers": _parse_list(multipliers, float),
+    raw.update({"depths": _parse_list(depths, int, "--depths"), "multipliers": _parse_list(multipliers, float, "--multipliers"),
                 "context": context, "hardware": hardware})
+    if tokens:
+        raw["tokens"] = _parse_list(tokens, float, "--tokens")
     cfg = from_dict(LadderConfig, raw, str(config or "ladder flags"))
-    plan = create_ladder(out, cfg, str(data), budget)
+    plan = create_ladder(out, cfg, str(data), budget, target)
     t = Table(title=f"ladder {out}: {len(plan['rungs'])} rungs")
-    for col in ("rung", "N (non-emb)", "D tokens", "steps", "batch", "lr", "FLOPs", "est. time", "est. $"):
-        t.add_column(col, justify="right")
+    for col in ("rung", "N (non-emb)", "D tokens", "tokens/param", "steps", "batch", "lr", "FLOPs", "est. time", "est. $"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in plan["rungs"]:
-        t.add_row(r["name"], f"{r['N']:.3g}", f"{r['D']:.3g}", str(r["steps"]), str(r["batch_size"]), f"{r['lr']:.2g}",
-                  f"{r['flops']:.3g}", f"{r['est_seconds'] / 60:.1f} min", f"{r['est_cost']['usd']:.4f}")
-    c = Console()
+        t.add_row(r["name"], si(r["N"]), si(r["D"]), f"{r['tokens_per_param']:.3g}", str(r["steps"]), str(r["batch_size"]),
+                  f"{r['lr']:.2g}", si(r["flops"]), f"{r['est_seconds'] / 60:.1f} min", f"{r['est_cost']['usd']:.4f}")
+    c = _console()
     c.print(t)
     tokens = sum(r["D"] for r in plan["rungs"])
     c.print(f"total {plan['total_flops']:.3g} FLOPs; largest rung sees {max(r['D'] for r in plan['rungs']) / plan['train_tokens_available']:.2f} epochs "
@@ -63,6 +89,32 @@ def ladder_run_cmd(ladder: Path = typer.Argument(Path("runs/ladder")), quiet: bo
 
     dirs = run_ladder(ladder, progress=not quiet)
     print(f"{len(dirs)} rungs finished in {ladder}/rungs. Next: lmforge fit {ladder}")
+
+
+@ladder_app.command("experiment")
+def ladder_experiment_cmd(
+    out: Path = typer.Option(Path("runs/scaling"), "--out", "-o", help="Experiment directory; re-running resumes it."),
+    target_flops: float = typer.Option(5.3e14, "--target-flops", help="Compute of the target run being forecast."),
+    depths: str = typer.Option("1,2,3", "--depths", help="Ladder depths."),
+    tokens: str = typer.Option("1e6,2e6,4e6,8e6", "--tokens", help="Ladder token budgets (every depth)."),
+    source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: default:stdlib+site)."),
+    vocab_size: int = typer.Option(4096, "--vocab-size"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """The recorded scaling experiment, end to end: data, ladder, fit, forecast, target run, check.
+
+    The ladder is sized from the target: each rung at most 1/10 of its compute, all rungs at
+    most 1/3. The forecast is written to OUT/forecast.json before the target starts. With the
+    defaults this takes about 2 hours on 2 CPU cores. Example: lmforge ladder experiment -o runs/scaling
+    """
+    from lmforge.scaling.experiment import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(sources=source or ["default:stdlib+site"], vocab_size=vocab_size,
+                           depths=_parse_list(depths, int, "--depths"), tokens=_parse_list(tokens, float, "--tokens"),
+                           target_flops=target_flops)
+    r = run_experiment(out, cfg, progress=not quiet)
+    print(Path(out) / "report.md")
+    print(Path(r["plot"]))
 
 
 def fit_cmd(
@@ -84,7 +136,7 @@ def fit_cmd(
     fit_runs(runs, out, form=form, n_boot=n_boot)
     nd, c, d = load_fit(out)
     png = plot_fit(out, Path(out) / "fit.png")
-    con = Console()
+    con = _console()
     if nd:
         con.print(f"[bold]L(N, D) = E + A/N^alpha + B/D^beta[/]  ({nd.n_points} runs, log-residual RMS {nd.rmse_log:.4f})")
         for line in fmt_params(nd):
@@ -114,6 +166,7 @@ def forecast_cmd(
     from lmforge.errors import LmforgeError
     from lmforge.scaling.forecast import check_forecast, forecast
 
+    flops = None
     if check:
         r = check_forecast(check)
         print(f"forecast {r['forecast']:.4f}  actual {r['actual']:.4f}  error {r['error_pct']:+.2f}%  "
@@ -122,7 +175,7 @@ def forecast_cmd(
         return
     if config:
         from lmforge.config import load_toml
-        from lmforge.model.model import param_counts
+        from lmforge.model.model import flops_per_token, param_counts
         from lmforge.train.loop import config_from_sources
 
         tc = config_from_sources(load_toml(config), {}, str(config))
@@ -132,10 +185,11 @@ def forecast_cmd(
             tc.model.vocab_size = open_tokens(tc.data)[1].vocab_size
         params = param_counts(tc.model)["non_embedding"]
         tokens = tc.max_steps * tc.batch_size * tc.grad_accum * tc.model.context
+        flops = flops_per_token(tc.model) * tokens
     if params is None or tokens is None:
         raise LmforgeError("give --params and --tokens, or --config TRAIN.toml, or --check RUN")
-    r = forecast(fit, params, tokens)
-    print(f"N = {params:.4g}  D = {tokens:.4g}  C = {r['C']:.4g} FLOPs")
+    r = forecast(fit, params, tokens, flops)
+    print(f"N = {params:.4g}  D = {tokens:.4g}  C = {r['C']:.4g} FLOPs" + ("" if flops else " (6ND)"))
     print(f"predicted final val loss {r['loss']:.4f}   80% [{r['interval_80'][0]:.4f}, {r['interval_80'][1]:.4f}]   "
           f"95% [{r['interval_95'][0]:.4f}, {r['interval_95'][1]:.4f}]")
     for w in r["warnings"]:
@@ -143,36 +197,47 @@ def forecast_cmd(
 
 
 def plan_cmd(
-    fit: Optional[Path] = typer.Option(None, "--fit", help="A fit.json (for N, D and the predicted loss)."),
+    fit: Optional[str] = typer.Option(None, "--fit", help="A fit.json or its directory (for N, D and the predicted loss), "
+                                      "or a published fit: chinchilla, chinchilla-replication."),
     flops: Optional[float] = typer.Option(None, "--flops"),
     dollars: Optional[float] = typer.Option(None, "--dollars"),
     device_hours: Optional[float] = typer.Option(None, "--device-hours"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Reverse plan: this many devices ..."),
     days: Optional[float] = typer.Option(None, "--days", help="... for this many days."),
     hardware: str = typer.Option("H100", "--hardware", help="A hardware catalog name (A100, H100, H200, cpu, or your own)."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A TOML hardware catalog that adds or overrides entries."),
     mfu: float = typer.Option(0.4, "--mfu", help="Model FLOPs utilisation to assume."),
 ):
     """Size a run from a budget: compute-optimal N and D, days, dollars, kWh and predicted loss.
 
     Examples: lmforge plan --fit runs/ladder --dollars 5000 --hardware H100
-              lmforge plan --gpus 25000 --days 100 --hardware A100 --mfu 0.35
+              lmforge plan --fit chinchilla-replication --gpus 25000 --days 100 --hardware A100 --mfu 0.32
     """
     from lmforge.scaling.forecast import plan_compute
 
-    r = plan_compute(fit, flops, dollars, device_hours, hardware, mfu, gpus, days)
+    r = plan_compute(fit, flops, dollars, device_hours, hardware, mfu, gpus, days, catalog=catalog)
     print(f"compute      {r['flops']:.4g} FLOPs on {r['hardware']} at MFU {r['mfu']:.0%}")
     print(f"device-hours {r['device_hours']:.4g}" + (f"  = {r['wall_days']:.1f} days on {r['gpus']} devices" if "wall_days" in r else ""))
     print(f"cost         ${r['cost']['usd']:,.0f}   {r['cost']['kwh']:,.0f} kWh   {r['cost']['co2_kg'] / 1000:,.1f} t CO2")
     if "N" in r:
-        print(f"optimal      N = {r['N']:.4g} params, D = {r['D']:.4g} tokens ({r['tokens_per_param']:.1f} tokens/param)")
-        print(f"predicted    loss {r['loss']:.4f}  80% [{r['interval_80'][0]:.4f}, {r['interval_80'][1]:.4f}]")
+        print(f"optimal      N = {r['N']:.4g} params, D = {r['D']:.4g} tokens ({r['tokens_per_param']:.1f} tokens/param, C = 6ND)")
+        iv = r["interval_80"]
+        print(f"predicted    loss {r['loss']:.4f}  " + (f"80% [{iv[0]:.4f}, {iv[1]:.4f}]" if iv[0] < iv[1] else
+                                                       "(a published fit: no interval, and its loss is on its own data)"))
+    if "depth_plan" in r:
+        d = r["depth_plan"]
+        print(f"on the dial  depth {d['depth']}: N = {d['N']:.4g}, D = {d['D']:.4g} tokens ({d['tokens_per_param']:.1f} tokens/param, "
+              f"{d['flops_per_token']:.3g} FLOPs/token at vocab {d['vocab_size']}, context {d['context']})")
+        print(f"             loss {d['loss']:.4f}  80% [{d['interval_80'][0]:.4f}, {d['interval_80'][1]:.4f}]  "
+              f"95% [{d['interval_95'][0]:.4f}, {d['interval_95'][1]:.4f}]")
 
 
 def cost_cmd(
     runs: Optional[List[Path]] = typer.Argument(None, help="Train runs, pipeline runs or ladders."),
     inference: bool = typer.Option(False, "--inference", help="Price inference instead: $ per million tokens."),
     tokens_per_s: Optional[float] = typer.Option(None, "--tokens-per-s", help="Measured generation throughput."),
-    hardware: str = typer.Option("cpu", "--hardware"),
+    hardware: str = typer.Option("cpu", "--hardware", help="With --inference: a hardware catalog name."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A TOML hardware catalog that adds or overrides entries."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """A ledger of FLOPs, device-hours, kWh, dollars and CO2 across runs and ladders.
@@ -186,7 +251,7 @@ def cost_cmd(
     if inference:
         if tokens_per_s is None:
             raise LmforgeError("--inference needs --tokens-per-s (measured throughput)")
-        r = inference_cost(tokens_per_s, hardware)
+        r = inference_cost(tokens_per_s, hardware, catalog=catalog)
         print(f"{r['hardware']}: ${r['usd_per_million_tokens']:.4f} per million tokens, "
               f"{r['kwh_per_million_tokens']:.4f} kWh per million tokens at {tokens_per_s:g} tokens/s")
         return
@@ -206,7 +271,7 @@ def cost_cmd(
     tot = L["total"]
     t.add_row("[bold]total", "", f"{tot['flops']:.3g}", f"{tot['wall_s']:.0f}s", "", f"{tot['device_hours']:.4g}",
               f"{tot['kwh']:.4g}", f"{tot['usd']:.4f}", f"{tot['co2_kg']:.4g}", "")
-    c = Console()
+    c = _console()
     c.print(t)
     for g, v in L["groups"].items():
         c.print(f"{g}: {v['share_of_flops']:.1%} of FLOPs, {v['share_of_usd']:.1%} of spend")

@@ -36,22 +36,48 @@ def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-def _nd_log_pred(theta, logN, logD):
+def huber_grad(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    return np.clip(r, -delta, delta)
+
+
+def _softmax_terms(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log(sum(exp(terms))) over axis 0 and each term's share of the sum (its gradient)."""
+    lse = logsumexp(terms, axis=0)
+    return lse, np.exp(terms - lse)
+
+
+def _nd_terms(theta, logN, logD):
     a, b, e, alpha, beta = theta
-    return logsumexp(np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)]), axis=0)
+    return np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])
+
+
+def _nd_log_pred(theta, logN, logD):
+    return logsumexp(_nd_terms(theta, logN, logD), axis=0)
 
 
 def _nd_objective(theta, logN, logD, logL):
-    return huber(_nd_log_pred(theta, logN, logD) - logL).sum()
+    """Huber loss of the log residuals and its analytic gradient (L-BFGS needs no finite differences)."""
+    pred, w = _softmax_terms(_nd_terms(theta, logN, logD))
+    r = pred - logL
+    g = huber_grad(r)
+    grad = np.array([g @ w[0], g @ w[1], g @ w[2], -(g * w[0]) @ logN, -(g * w[1]) @ logD])
+    return huber(r).sum(), grad
+
+
+def _c_terms(theta, logC):
+    la, b, lc = theta
+    return np.stack([la + b * logC, np.full_like(logC, lc)])
 
 
 def _c_log_pred(theta, logC):
-    la, b, lc = theta
-    return logsumexp(np.stack([la + b * logC, np.full_like(logC, lc)]), axis=0)
+    return logsumexp(_c_terms(theta, logC), axis=0)
 
 
 def _c_objective(theta, logC, logL):
-    return huber(_c_log_pred(theta, logC) - logL).sum()
+    pred, w = _softmax_terms(_c_terms(theta, logC))
+    r = pred - logL
+    g = huber_grad(r)
+    return huber(r).sum(), np.array([g @ w[0], (g * w[0]) @ logC, g @ w[1]])
 
 
 def _best_fit(objective, args, grid, bounds):
@@ -59,7 +85,7 @@ def _best_fit(objective, args, grid, bounds):
     for x0 in grid:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = minimize(objective, np.array(x0, dtype=float), args=args, method="L-BFGS-B", bounds=bounds)
+            res = minimize(objective, np.array(x0, dtype=float), args=args, method="L-BFGS-B", jac=True, bounds=bounds)
         if best is None or res.fun < best.fun:
             best = res
     return best
@@ -254,6 +280,26 @@ def _degeneracy(theta, bounds, names, rmse_log, n, k) -> list[str]:
     if rmse_log > 0.02:
         warns.append(f"poor fit: log-loss residuals have RMS {rmse_log:.3f} (> 0.02); check for failed or mis-tuned runs")
     return warns
+
+
+# Published L(N, D) fits, for planning before any ladder of your own has run (``--fit chinchilla``).
+# Losses are in nats per token on the papers' own data (MassiveText), so they size runs, they do
+# not forecast your loss. Ranges are the model sizes and token counts the papers trained.
+REFERENCE_FITS = {
+    "chinchilla": {  # Hoffmann et al. 2022, approach 3
+        "params": {"A": 406.4, "B": 410.7, "E": 1.69, "alpha": 0.34, "beta": 0.28},
+        "n_range": (7e7, 1.6e10), "d_range": (5e9, 5e11)},
+    "chinchilla-replication": {  # Besiroglu et al. 2024, refitted to Hoffmann et al.'s data
+        "params": {"A": 482.01, "B": 2085.43, "E": 1.8172, "alpha": 0.3478, "beta": 0.3658},
+        "n_range": (7e7, 1.6e10), "d_range": (5e9, 5e11)},
+}
+
+
+def reference_fit(name: str) -> ScalingFit:
+    ref = REFERENCE_FITS[name]
+    n, d = ref["n_range"], ref["d_range"]
+    return ScalingFit("ND", dict(ref["params"]), {k: float("nan") for k in ref["params"]}, 0, 0.0,
+                      n_range=n, d_range=d, c_range=(6 * n[0] * d[0], 6 * n[1] * d[1]))
 
 
 def compute_optimal(fit: ScalingFit, C: float, flops_per_param_token: float = 6.0) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json
-from lmforge.scaling.fit import Point, ScalingFit, compute_optimal, fit_c, fit_nd
+from lmforge.scaling.fit import REFERENCE_FITS, Point, ScalingFit, compute_optimal, fit_c, fit_nd, reference_fit
 from lmforge.scaling.ladder import LADDER_FILE
 
 FIT_FILE = "fit.json"
@@ -40,7 +40,9 @@ def collect_points(paths) -> tuple[list[Point], dict]:
             continue
         met = man["metrics"]
         inputs = man.get("inputs", {})
-        key = (inputs.get("data", {}).get("token_index_hash"), inputs.get("tokenizer", {}).get("hash"))
+        model = man.get("config", {}).get("model", {})
+        key = (inputs.get("data", {}).get("token_index_hash"), inputs.get("tokenizer", {}).get("hash"),
+               model.get("vocab_size"), model.get("context"))
         keys.setdefault(key, []).append(str(r))
         points.append(Point(N=float(met["params_non_embedding"]), D=float(met["tokens"]), loss=float(met["final_val_loss"]),
                             C=float(met["model_flops"]), name=r.name))
@@ -49,9 +51,12 @@ def collect_points(paths) -> tuple[list[Point], dict]:
                            f"{' ...' if len(unfinished) > 5 else ''}; finish them (`lmforge ladder run`) or leave them out")
     if len(keys) > 1:
         groups = "; ".join(f"{len(v)} runs like {Path(v[0]).name}" for v in keys.values())
-        raise LmforgeError(f"the runs were trained on different data or tokenizers ({groups}); "
+        raise LmforgeError(f"the runs were trained on different data, tokenizers or context lengths ({groups}); "
                            "fit only runs whose manifests record the same token index and tokenizer hashes")
-    meta = {"runs": [str(r) for r in runs], "data_hashes": list(keys)[0] if keys else None}
+    key = list(keys)[0] if keys else (None, None, None, None)
+    # The model family (vocab, context) lets a plan turn a budget into a depth on the same dial.
+    meta = {"runs": [str(r) for r in runs], "data_hashes": list(key[:2]),
+            "model": {"vocab_size": key[2], "context": key[3]}}
     return points, meta
 
 
@@ -67,31 +72,71 @@ def fit_runs(paths, out_dir, form: str = "ND", n_boot: int = 200) -> dict:
     return out
 
 
-def load_fit(path) -> tuple[ScalingFit | None, ScalingFit, dict]:
+def load_fit(path) -> tuple[ScalingFit | None, ScalingFit | None, dict]:
+    """(L(N, D) fit or None, L(C) fit or None, the fit file's dict) from a fit.json, its
+    directory, or the name of a published fit (``chinchilla``, ``chinchilla-replication``)."""
+    if str(path) in REFERENCE_FITS:
+        return reference_fit(str(path)), None, {"reference": str(path), "points": []}
     p = Path(path)
     if p.is_dir():
         p = p / FIT_FILE
     if not p.exists():
-        raise LmforgeError(f"{p}: no fit here; run `lmforge fit LADDER -o DIR` first")
+        raise LmforgeError(f"{p}: no fit here; run `lmforge fit LADDER -o DIR` first, or name a published fit: "
+                           f"{', '.join(REFERENCE_FITS)}")
     d = json.loads(p.read_text())
     nd = ScalingFit.from_json(d["nd"]) if d.get("nd") else None
     return nd, ScalingFit.from_json(d["c"]), d
 
 
-def forecast(fit_path, N: float, D: float) -> dict:
+def forecast(fit_path, N: float, D: float, C: float | None = None) -> dict:
+    """Predicted final val loss of a run with N non-embedding parameters and D tokens.
+
+    ``C`` is the run's training FLOPs (``flops_per_token * D``), the quantity the compute-only
+    law was fitted on; when it is not known, 6ND stands in for it."""
     nd, c, _ = load_fit(fit_path)
+    C = C or 6.0 * N * D
     law = nd or c
-    iv = law.interval(N, D)
-    ext = law.extrapolation(N=N, D=D)
+    iv = law.interval(N, D, C)
+    ext = law.extrapolation(N=N, D=D, C=C)
     warn = []
     far = {k: v for k, v in ext.items() if v > 100 or v < 0.01}
     if far:
         warn.append("forecast far outside the fitted range: " + ", ".join(f"{k} is {v:.3g}x the largest fitted value" for k, v in far.items()))
     elif any(v > 1 for v in ext.values()):
         warn.append("extrapolating beyond the fitted range: " + ", ".join(f"{k} {v:.3g}x" for k, v in ext.items() if v > 1))
-    return {"N": N, "D": D, "C": 6 * N * D, "loss": iv["loss"], "interval_80": iv["80%"], "interval_95": iv["95%"],
+    return {"N": N, "D": D, "C": C, "loss": iv["loss"], "interval_80": iv["80%"], "interval_95": iv["95%"],
             "form": law.form, "extrapolation": ext, "warnings": warn,
-            "loss_compute_only": c.predict(C=6 * N * D)}
+            "loss_compute_only": c.predict(C=C) if c is not None else None}
+
+
+def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_depth: int = 64) -> list[dict]:
+    """Every depth on the dial that can spend ``flops`` on at least one token per parameter, with its
+    N, D (from the real FLOPs per token, embeddings and attention included) and predicted loss."""
+    from lmforge.model.model import ModelConfig, flops_per_token, param_counts
+
+    out = []
+    for depth in range(1, max_depth + 1):
+        cfg = ModelConfig(depth=depth, vocab_size=vocab_size, context=context)
+        N, fpt = param_counts(cfg)["non_embedding"], flops_per_token(cfg)
+        D = flops / fpt
+        if D < N:
+            break
+        out.append({"depth": depth, "N": N, "D": D, "flops_per_token": fpt, "tokens_per_param": D / N,
+                    "loss": nd.predict(N, D)})
+    return out
+
+
+def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int) -> dict:
+    """The depth whose run of ``flops`` the fitted law predicts to end lowest."""
+    opts = depth_options(nd, flops, vocab_size, context)
+    if not opts:
+        from lmforge.model.model import ModelConfig, flops_per_token, param_counts
+
+        cfg = ModelConfig(depth=1, vocab_size=vocab_size, context=context)
+        need = flops_per_token(cfg) * param_counts(cfg)["non_embedding"]
+        raise LmforgeError(f"a budget of {flops:.3g} FLOPs is too small for even the smallest model: depth 1 needs "
+                           f"{need:.3g} FLOPs for one token per parameter")
+    return min(opts, key=lambda o: o["loss"])
 
 
 def check_forecast(run_dir) -> dict:
@@ -111,13 +156,13 @@ def check_forecast(run_dir) -> dict:
 
 def plan_compute(fit_path, flops: float | None = None, dollars: float | None = None, device_hours: float | None = None,
                  hardware: str = "H100", mfu: float = 0.4, gpus: int | None = None, days: float | None = None,
-                 smallest_N: float | None = None) -> dict:
+                 smallest_N: float | None = None, catalog=None) -> dict:
     """Compute-optimal N and D for a budget, with wall-clock, dollars and kWh on named hardware.
 
     Exactly one budget form: FLOPs, dollars, device-hours, or (gpus, days) for the reverse question."""
     from lmforge.cost.catalog import get_hardware, run_cost
 
-    hw = get_hardware(hardware)
+    hw = get_hardware(hardware, catalog)
     flops_per_device_hour = hw.peak_bf16 * mfu * 3600
     given = [x is not None for x in (flops, dollars, device_hours)] + [gpus is not None or days is not None]
     if sum(given) != 1:
@@ -138,7 +183,7 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
         out["wall_days"] = dh / gpus / 24
         out["gpus"] = gpus
     if fit_path:
-        nd, c, _ = load_fit(fit_path)
+        nd, c, d = load_fit(fit_path)
         if nd is not None:
             opt = compute_optimal(nd, flops)
             if smallest_N and opt["N"] < smallest_N:
@@ -147,6 +192,12 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
             iv = nd.interval(opt["N"], opt["D"])
             out.update(N=opt["N"], D=opt["D"], tokens_per_param=opt["tokens_per_param"], loss=iv["loss"],
                        interval_80=iv["80%"], interval_95=iv["95%"])
+            family = d.get("model") or {}
+            if family.get("vocab_size") and family.get("context"):
+                pick = best_depth(nd, flops, family["vocab_size"], family["context"])
+                fc = forecast(fit_path, pick["N"], pick["D"], flops)
+                out["depth_plan"] = {**pick, "interval_80": fc["interval_80"], "interval_95": fc["interval_95"],
+                                     "vocab_size": family["vocab_size"], "context": family["context"]}
         else:
             out.update(loss=c.predict(C=flops))
     return out

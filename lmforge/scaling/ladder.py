@@ -1,8 +1,10 @@
 """The ladder: a grid of small training runs whose results a scaling law is fitted to.
 
 ``plan_ladder`` turns a base training config into rungs (model size from the depth dial,
-tokens as multiples of 20 tokens per parameter) with per-rung hyperparameters from the
-size rules below, and prices every rung before anything runs. ``run_ladder`` trains the
+tokens as multiples of 20 tokens per parameter, or fixed token budgets) with per-rung
+hyperparameters from the size rules below, and prices every rung before anything runs.
+Given the compute of the run it is meant to forecast, it keeps every rung at most a tenth
+of it and the whole ladder at most a third. ``run_ladder`` trains the
 rungs as ordinary run directories under ``LADDER/rungs/``, skipping finished ones and
 resuming an interrupted one.
 
@@ -12,11 +14,13 @@ Size rules (documented in docs/scaling.md):
 - batch size grows with model size as ``N^(1/3)`` from ``batch_ref`` at ``N_ref``, rounded to a
   power of two (larger models tolerate and benefit from larger batches);
 - warmup is a fixed share of the rung's steps (``warmup_frac``, at least 10 steps).
+
+Every rung is evaluated on the same ``eval_windows`` validation windows, whatever its batch
+size, so the final losses the law is fitted to are comparable.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.model.model import ModelConfig, flops_per_token, param_counts
-from lmforge.rundir import Manifest, atomic_write_json, read_manifest
+from lmforge.rundir import Manifest, atomic_write_json
 
 LADDER_FILE = "ladder.json"
 
@@ -35,6 +39,7 @@ class LadderConfig:
     depths: list = field(default_factory=lambda: [1, 2, 3, 4])
     multipliers: list = field(default_factory=lambda: [1, 2, 5, 10])  # x 20 tokens per parameter
     tokens_per_param: float = 20.0
+    tokens: list = field(default_factory=list)  # fixed token budgets for every depth, instead of multipliers
     context: int = 256
     lr_ref: float = 3e-3
     d_ref: int = 128
@@ -44,7 +49,7 @@ class LadderConfig:
     schedule: str = "cosine"
     vocab_size: int = 0  # 0: from the data's tokenizer
     seed: int = 1337
-    eval_batches: int = 32
+    eval_windows: int = 1024  # validation windows of context tokens, the same set for every rung
     precision: str = "auto"
     hardware: str = "cpu"
     expected_mfu: float = 0.25  # for the time and cost estimate before anything has run
@@ -54,6 +59,10 @@ class LadderConfig:
             raise LmforgeError("ladder.depths must be a non-empty list of positive depths")
         if not self.multipliers or any(m <= 0 for m in self.multipliers):
             raise LmforgeError("ladder.multipliers must be a non-empty list of positive numbers")
+        if any(t <= 0 for t in self.tokens):
+            raise LmforgeError("ladder.tokens must be positive token budgets")
+        if self.eval_windows < 1:
+            raise LmforgeError("ladder.eval_windows must be at least 1")
 
 
 def rung_hparams(model: ModelConfig, cfg: LadderConfig) -> dict:
@@ -64,8 +73,12 @@ def rung_hparams(model: ModelConfig, cfg: LadderConfig) -> dict:
     return {"lr": lr, "batch_size": max(1, batch)}
 
 
-def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops: float | None = None) -> list[dict]:
-    """The rungs, smallest compute first, each with its N, D, steps, hyperparameters and cost estimate."""
+def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops: float | None = None,
+                max_rung_flops: float | None = None) -> list[dict]:
+    """The rungs, smallest compute first, each with its N, D, steps, hyperparameters and cost estimate.
+
+    ``max_rung_flops`` drops rungs bigger than that; ``budget_flops`` then keeps the cheapest
+    rungs whose total fits."""
     from lmforge.cost.catalog import get_hardware, run_cost
 
     hw = get_hardware(cfg.hardware)
@@ -74,35 +87,49 @@ def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops:
     for depth in cfg.depths:
         model = ModelConfig(depth=depth, vocab_size=cfg.vocab_size or vocab_size, context=cfg.context)
         hp = rung_hparams(model, cfg)
+        if cfg.eval_windows % hp["batch_size"]:
+            raise LmforgeError(f"ladder.eval_windows = {cfg.eval_windows} is not a multiple of depth {depth}'s batch size "
+                               f"{hp['batch_size']}; use a power of two so every rung sees the same val windows")
         N = param_counts(model)["non_embedding"]
         fpt = flops_per_token(model)
-        for mult in cfg.multipliers:
-            tokens_target = mult * cfg.tokens_per_param * N
+        budgets = [(f"{t / 1e6:g}M", t) for t in cfg.tokens] or [(f"x{m:g}", m * cfg.tokens_per_param * N)
+                                                                  for m in cfg.multipliers]
+        for label, tokens_target in budgets:
             tokens_per_step = hp["batch_size"] * cfg.context
             steps = max(10, math.ceil(tokens_target / tokens_per_step))
             D = steps * tokens_per_step
             flops = fpt * D
             seconds = flops / (peak * cfg.expected_mfu)
             rungs.append({
-                "name": f"d{depth}-x{mult:g}", "depth": depth, "multiplier": mult, "N": N,
-                "params_total": param_counts(model)["total"], "D": D, "steps": steps, "flops": flops,
-                "lr": hp["lr"], "batch_size": hp["batch_size"], "warmup_steps": max(10, int(cfg.warmup_frac * steps)),
+                "name": f"d{depth}-{label}", "depth": depth, "N": N,
+                "params_total": param_counts(model)["total"], "D": D, "tokens_per_param": D / N, "steps": steps,
+                "flops": flops, "flops_per_token": fpt, "lr": hp["lr"], "batch_size": hp["batch_size"],
+                "warmup_steps": max(10, int(cfg.warmup_frac * steps)),
                 "est_seconds": seconds, "est_cost": run_cost(seconds / 3600, hw),
             })
     rungs.sort(key=lambda r: r["flops"])
+    smallest = rungs[0]
+    if max_rung_flops is not None:
+        rungs = [r for r in rungs if r["flops"] <= max_rung_flops]
     if budget_flops is not None:
-        total = sum(r["flops"] for r in rungs)
-        if rungs and rungs[0]["flops"] > budget_flops:
-            raise LmforgeError(f"budget {budget_flops:.3g} FLOPs is below even the smallest rung "
-                               f"({rungs[0]['name']}: {rungs[0]['flops']:.3g} FLOPs); raise the budget or use smaller depths")
-        if total > budget_flops:
-            kept, acc = [], 0.0
-            for r in rungs:
-                if acc + r["flops"] <= budget_flops:
-                    kept.append(r)
-                    acc += r["flops"]
-            rungs = kept
+        kept, acc = [], 0.0
+        for r in rungs:
+            if acc + r["flops"] <= budget_flops:
+                kept.append(r)
+                acc += r["flops"]
+        rungs = kept
+    if not rungs:
+        raise LmforgeError(f"the budget is below even the smallest rung ({smallest['name']}: {smallest['flops']:.3g} FLOPs); "
+                           "raise the budget or use smaller depths or token budgets")
     return rungs
+
+
+def target_limits(target_flops: float) -> dict:
+    """The rules a ladder for a target run of ``target_flops`` keeps: each rung at most a tenth
+    of the target's compute, and all rungs together at most a third."""
+    if target_flops <= 0:
+        raise LmforgeError(f"--target-flops {target_flops:g}: must be positive")
+    return {"max_rung_flops": target_flops / 10, "budget_flops": target_flops / 3}
 
 
 def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Path):
@@ -112,18 +139,24 @@ def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Pat
         data=str(data_dir), out=str(out_dir),
         model=ModelConfig(depth=rung["depth"], vocab_size=cfg.vocab_size, context=cfg.context),
         batch_size=rung["batch_size"], max_steps=rung["steps"], lr=rung["lr"], warmup_steps=rung["warmup_steps"],
-        schedule=cfg.schedule, eval_every=0, eval_batches=cfg.eval_batches, ckpt_every=max(50, rung["steps"] // 5),
+        schedule=cfg.schedule, eval_every=0, eval_batches=cfg.eval_windows // rung["batch_size"],
+        ckpt_every=max(50, rung["steps"] // 5),
         log_every=max(1, rung["steps"] // 50), seed=cfg.seed, precision=cfg.precision, hardware=cfg.hardware,
     )
 
 
-def create_ladder(ladder_dir, cfg: LadderConfig, data_dir: str, budget_flops: float | None = None) -> dict:
+def create_ladder(ladder_dir, cfg: LadderConfig, data_dir: str, budget_flops: float | None = None,
+                  target_flops: float | None = None) -> dict:
     from lmforge.train.loop import open_tokens
 
     _, td = open_tokens(data_dir)
-    rungs = plan_ladder(cfg, data_dir, td.vocab_size, budget_flops)
+    limits = target_limits(target_flops) if target_flops else {"max_rung_flops": None, "budget_flops": None}
+    if budget_flops is not None:
+        limits["budget_flops"] = min(budget_flops, limits["budget_flops"] or budget_flops)
+    rungs = plan_ladder(cfg, data_dir, td.vocab_size, **limits)
     plan = {"config": asdict(cfg), "data": str(Path(data_dir).resolve()), "rungs": rungs,
-            "total_flops": sum(r["flops"] for r in rungs), "train_tokens_available": len(td.split("train"))}
+            "total_flops": sum(r["flops"] for r in rungs), "train_tokens_available": len(td.split("train")),
+            "target_flops": target_flops, **limits}
     ladder_dir = Path(ladder_dir)
     ladder_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(ladder_dir / LADDER_FILE, plan)

@@ -51,13 +51,16 @@ class BatchSource:
 
 
 def val_batches(tokens, context: int, batch_size: int, max_batches: int, rank: int = 0, world: int = 1):
-    """This rank's share of a fixed val set: the first ``max_batches * batch_size * world`` windows.
+    """This rank's share of a fixed val set of ``max_batches * batch_size * world`` windows.
 
-    The set depends only on the global eval batch, so any split over ranks evaluates the same windows."""
-    n = min((len(tokens) - 1) // context, max_batches * batch_size * world)
+    The windows are spread evenly over the whole val split, so a small val set still samples
+    every part of the corpus (the split is in document order). The set depends only on the
+    global eval batch, so any split over ranks evaluates the same windows."""
+    total = (len(tokens) - 1) // context
+    n = min(total, max_batches * batch_size * world)
+    ids = np.arange(n, dtype=np.int64) * total // max(n, 1)
     starts = list(range(0, n, batch_size))
     for b in starts[rank::world]:
-        count = min(batch_size, n - b)
-        rows = np.stack([tokens.window((b + i) * context, context + 1) for i in range(count)])
+        rows = np.stack([tokens.window(int(w) * context, context + 1) for w in ids[b : b + batch_size]])
         t = torch.from_numpy(rows.astype(np.int64))
         yield t[:, :-1], t[:, 1:]

@@ -79,9 +79,19 @@ def verify_checkpoint(ckpt: Path) -> None:
             raise LmforgeError(f"{p}: checksum mismatch; the file is corrupted or truncated")
 
 
-def load_checkpoint(ckpt: Path, model) -> dict:
+def load_checkpoint(ckpt: Path, model, sharded: bool = False) -> dict:
+    """Verify ``ckpt``, load its weights into ``model`` and return its training state.
+
+    ``sharded``: ``model`` is already sharded with FSDP2; every rank reads the full weights and
+    keeps its own shards."""
     verify_checkpoint(ckpt)
-    load_weights(model, ckpt / "model.safetensors")
+    if sharded:
+        from lmforge.model.io import load_model
+        from lmforge.train.distributed import set_full_model_state
+
+        set_full_model_state(model, load_model(ckpt).state_dict())
+    else:
+        load_weights(model, ckpt / "model.safetensors")
     try:
         return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # checksum passed, so this is a version or format problem

@@ -112,7 +112,18 @@ def gather_full_state(model, optimizer, info: DistInfo) -> dict:
     return {"model": full, "optimizer": osd}
 
 
-def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
+def set_full_model_state(model, state_dict: dict) -> None:
+    """Load an unsharded state dict into an FSDP2-sharded model (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict | None, fsdp: bool) -> None:
+    """Restore optimizer state saved by a checkpoint; None (saved before the first step) means a fresh one."""
+    if state is None:
+        optimizer.state.clear()
+        return
     if not fsdp:
         optimizer.load_state_dict(state)
         return

@@ -301,6 +301,8 @@ class _State:
     cooldown_until: int = 0
     injected: list = field(default_factory=list)
     recovery_time_s: float = 0.0
+    best_val: float = float("inf")
+    evals_since_best: int = 0
 
 
 def _resolve_resume(resume, run_dir: Path, info: D.DistInfo) -> Path | None:
@@ -409,7 +411,8 @@ def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, 
         if cfg.forecast_fit:
             from lmforge.scaling.forecast import forecast
 
-            fc = forecast(cfg.forecast_fit, counts["non_embedding"], cfg.max_steps * tokens_per_step)
+            fc = forecast(cfg.forecast_fit, counts["non_embedding"], cfg.max_steps * tokens_per_step,
+                          fpt * cfg.max_steps * tokens_per_step)
             manifest.data["forecast"] = {**fc, "fit": str(Path(cfg.forecast_fit).resolve())}
             print(f"forecast: final val loss {fc['loss']:.4f} (80% {fc['interval_80'][0]:.4f}-{fc['interval_80'][1]:.4f}, "
                   f"95% {fc['interval_95'][0]:.4f}-{fc['interval_95'][1]:.4f})", flush=True)
@@ -421,7 +424,9 @@ def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, 
         state = {"step": step, "optimizer": None, "rng": _rng_state(), "detector": detector.state_dict(),
                  "guard_state": dataclasses.asdict(st)}
         if cfg.fsdp:
-            full = D.gather_full_state(pmodel, optimizer, info)
+            # Before the first step the optimizer has no state; asking DCP for it would initialise it with a
+            # zero-gradient step, which advances Adam's step count and changes the first real update.
+            full = D.gather_full_state(pmodel, optimizer if optimizer.state else None, info)
             if not info.is_main:
                 return None
             state["optimizer"], target = full["optimizer"], full["model"]
@@ -475,6 +480,8 @@ def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, 
         if inject:
             st.injected.append(step)
         grad_norm = torch.nn.utils.clip_grad_norm_(pmodel.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor; the norm over all shards is what counts
+            grad_norm = grad_norm.full_tensor()
         # One collective carries every signal the ranks must agree on.
         signals = torch.stack([loss_sum.float(), grad_norm.float().to(loss_sum.device),
                                torch.tensor(float(stopper.signum), device=loss_sum.device)]).double()
@@ -534,6 +541,7 @@ def _run(cfg, cfg_dict, resume, progress, info, stopper, run_dir, data_man, td, 
             st.val_loss = evaluate(pmodel, val_tokens, cfg, ctx, info)
             log.record(step=done, val_loss=round(st.val_loss, 5))
             bar.note(f"step {done}: val loss {st.val_loss:.4f}")
+            _watch_val(st, cfg, done, events, bar)
         stop = float(signals[2]) > 0
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or last or stop:
             st.step = done
@@ -602,6 +610,17 @@ def _cost(cfg: TrainConfig, info: D.DistInfo, device_hours: float) -> dict:
     return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in run_cost(device_hours, hw, cfg.grid_kg_per_kwh).items()}
 
 
+def _watch_val(st: _State, cfg: TrainConfig, step: int, events, bar) -> None:
+    """Warn (once per streak) when the val loss has not improved for ``guard.val_stall_evals`` evals."""
+    if st.val_loss < st.best_val:
+        st.best_val, st.evals_since_best = st.val_loss, 0
+        return
+    st.evals_since_best += 1
+    if cfg.guard.val_stall_evals and st.evals_since_best == cfg.guard.val_stall_evals:
+        events.emit("val_stall", step, evals=st.evals_since_best, best_val_loss=st.best_val, val_loss=st.val_loss)
+        bar.note(f"warning: val loss has not improved for {st.evals_since_best} evals (best {st.best_val:.4f})")
+
+
 def _restore_state(st: _State, detector, ckpt_state: dict) -> None:
     g = ckpt_state.get("guard_state", {})
     for k, v in g.items():
@@ -643,7 +662,7 @@ def _rollback(cfg, st, step, run_dir, model, optimizer, pmodel, detector, quaran
     if info.is_main:
         save_quarantine(run_dir, quarantine, {"from": lo, "to": step, "rolled_back_to": back_to, "trouble_start": st.trouble_start})
     rollbacks, injected, recovery = st.rollbacks + 1, list(st.injected), st.recovery_time_s
-    state = load_checkpoint(target, model)
+    state = load_checkpoint(target, model, sharded=cfg.fsdp and info.enabled)
     D.load_optimizer_state(pmodel, optimizer, state["optimizer"], cfg.fsdp)
     _set_rng_state(state["rng"])
     _restore_state(st, detector, state)
