@@ -181,8 +181,10 @@ def run_cmd(
     out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run directory; re-running resumes it."),
     source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: the embedded stdlib corpus). Repeatable: dirs, .jsonl, .parquet, hf:NAME."),
     depth: int = typer.Option(3, "--depth", help="Model size dial: depth layers of width 64*depth."),
-    steps: int = typer.Option(1000, "--steps", help="Training steps of 16 x 256 tokens."),
-    vocab_size: int = typer.Option(8192, "--vocab-size"),
+    steps: int = typer.Option(1000, "--steps", help="Training steps (each --batch-size x --context tokens)."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="BPE vocabulary size."),
+    context: int = typer.Option(256, "--context", help="Training sequence length in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Build a model end to end: data -> tokenizer -> train -> samples -> HF export.
@@ -190,7 +192,8 @@ def run_cmd(
     With no options this trains a ~3M-parameter model on this Python's standard library
     in about 15 minutes on 2 CPU cores. Example: lmforge run --depth 6 --steps 2000 -o runs/d6
     """
-    cfg = RunConfig(sources=source or ["default"], depth=depth, steps=steps, vocab_size=vocab_size)
+    cfg = RunConfig(sources=source or ["default"], depth=depth, steps=steps, vocab_size=vocab_size, context=context,
+                    batch_size=batch_size)
     r = run_pipeline(cfg, out, progress=not quiet)
     print()
     print(f"run directory:   {r['run_dir']}")

@@ -43,12 +43,14 @@ def test_plan_keeps_rungs_under_the_target_and_follows_the_size_rules(tiny_data)
     assert sum(r["flops"] for r in rungs) <= target / 3
     by_depth = {r["depth"]: r for r in rungs}
     # lr ~ 1/width (capped at lr_ref), batch a power of two that grows with N, warmup a share of the steps
+    # with a floor
     assert by_depth[3]["lr"] == pytest.approx(cfg.lr_ref * cfg.d_ref / 192)
     assert by_depth[1]["lr"] == cfg.lr_ref
     batches = [by_depth[d]["batch_size"] for d in sorted(by_depth)]
     assert batches == sorted(batches) and all(b & (b - 1) == 0 for b in batches)
     for r in rungs:
-        assert r["warmup_steps"] == max(10, int(cfg.warmup_frac * r["steps"]))
+        assert r["warmup_steps"] == min(r["steps"] // 2, max(cfg.warmup_min_steps, int(cfg.warmup_frac * r["steps"])))
+        assert r["warmup_steps"] >= min(200, r["steps"] // 2)
         assert r["flops"] == r["flops_per_token"] * r["D"]
         assert cfg.eval_windows % r["batch_size"] == 0  # every rung is scored on the same val windows
 

@@ -96,3 +96,17 @@ def test_json_round_trip():
     again = ScalingFit.from_json(fit.to_json())
     assert again.predict(1e9, 1e10) == fit.predict(1e9, 1e10)
     assert again.interval(1e9, 1e10) == fit.interval(1e9, 1e10)
+
+
+def test_backtest_holds_out_the_largest_runs():
+    from lmforge.scaling.fit import backtest
+
+    pts = synthetic(noise=0.0)
+    bt = backtest(pts, holdout=2)
+    largest = sorted(pts, key=lambda p: p.C)[-2:]
+    assert [b["name"] for b in bt] == [p.name for p in largest]
+    for b in bt:
+        assert b["compute_vs_fitted"] >= 1 and abs(b["error_pct"]) < 0.5
+    # a law that bends away from the ladder shows up as a backtest error
+    bent = [Point(N=p.N, D=p.D, loss=p.loss * (1.1 if p in largest else 1.0), name=p.name) for p in pts]
+    assert all(b["error_pct"] > 5 for b in backtest(bent, holdout=2))

@@ -143,3 +143,16 @@ def test_cli_resume_with_different_config(tiny_data, tmp_path):
     assert run_cli(*args).returncode == 0
     res = run_cli(*args, "--resume", "auto", "--set", "lr=0.01")
     _one_line_error(res, "different config (differs in: lr)")
+
+
+def test_compiled_training_follows_the_eager_loss_curve(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    eager = train(tiny_cfg(data_dir, tmp_path / "eager", max_steps=6, eval_every=0, log_every=1), progress=False)
+    comp = train(tiny_cfg(data_dir, tmp_path / "compiled", max_steps=6, eval_every=0, log_every=1, compile=True),
+                 progress=False)
+    assert comp["status"] == "complete"
+    a = [json.loads(ln)["loss"] for ln in (tmp_path / "eager" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    b = [json.loads(ln)["loss"] for ln in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 1e-3 * x for x, y in zip(a, b)), (a, b)
+    assert eager["metrics"]["final_val_loss"] == pytest.approx(comp["metrics"]["final_val_loss"], rel=1e-3)

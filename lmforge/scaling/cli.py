@@ -41,7 +41,7 @@ def _parse_list(text: str, cast, flag: str) -> list:
 def ladder_plan_cmd(
     data: Path = typer.Option(Path("runs/default/data"), "--data", help="Tokenized data run directory."),
     out: Path = typer.Option(Path("runs/ladder"), "--out", "-o", help="Ladder directory to create."),
-    depths: str = typer.Option("1,2,3,4", "--depths", help="Comma-separated depth dial values."),
+    depths: str = typer.Option("2,3,4,5", "--depths", help="Comma-separated depth dial values (2 and up: see docs/scaling.md)."),
     multipliers: str = typer.Option("1,2,5,10", "--multipliers", help="Token budgets as multiples of 20 tokens/param."),
     tokens: str = typer.Option("", "--tokens", help="Fixed token budgets for every depth instead, e.g. 1e6,2e6,4e6."),
     context: int = typer.Option(256, "--context"),
@@ -53,8 +53,8 @@ def ladder_plan_cmd(
 ):
     """Propose a grid of rungs and show each rung's cost before anything runs.
 
-    Examples: lmforge ladder plan --data runs/default/data --depths 1,2,3,4 -o runs/ladder
-              lmforge ladder plan --data runs/big/data --depths 1,2,3,4 --tokens 1e6,2e6,4e6,8e6 --target-flops 5e14
+    Examples: lmforge ladder plan --data runs/default/data --depths 2,3,4,5 -o runs/ladder
+              lmforge ladder plan --data runs/big/data --depths 2,3 --tokens 1e6,2e6,4e6,8e6 --target-flops 7.5e14
     """
     from lmforge.config import from_dict, load_toml
     from lmforge.scaling.ladder import LadderConfig, create_ladder
@@ -94,9 +94,9 @@ def ladder_run_cmd(ladder: Path = typer.Argument(Path("runs/ladder")), quiet: bo
 @ladder_app.command("experiment")
 def ladder_experiment_cmd(
     out: Path = typer.Option(Path("runs/scaling"), "--out", "-o", help="Experiment directory; re-running resumes it."),
-    target_flops: float = typer.Option(5.3e14, "--target-flops", help="Compute of the target run being forecast."),
-    depths: str = typer.Option("1,2,3", "--depths", help="Ladder depths."),
-    tokens: str = typer.Option("1e6,2e6,4e6,8e6", "--tokens", help="Ladder token budgets (every depth)."),
+    target_flops: float = typer.Option(7.5e14, "--target-flops", help="Compute of the target run being forecast."),
+    depths: str = typer.Option("2,3", "--depths", help="Ladder depths."),
+    tokens: str = typer.Option("1e6,2e6,3e6,4e6,6e6,8e6", "--tokens", help="Ladder token budgets (every depth)."),
     source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: default:stdlib+site)."),
     vocab_size: int = typer.Option(4096, "--vocab-size"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -143,6 +143,12 @@ def fit_cmd(
             con.print("  " + line)
         for w in nd.warnings:
             con.print(f"[yellow]warning:[/] {w}")
+        if nd.n_points >= 6:
+            from lmforge.scaling.fit import Point, backtest
+
+            for b in backtest([Point(**q) for q in d["points"]]):
+                con.print(f"backtest: without {b['name']} the law predicts {b['predicted']:.4f} for it "
+                          f"(actual {b['actual']:.4f}, error {b['error_pct']:+.2f}%)")
     con.print(f"[bold]L(C) = a*C^b + c[/]  (log-residual RMS {c.rmse_log:.4f})")
     for line in fmt_params(c):
         con.print("  " + line)

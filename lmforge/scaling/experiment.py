@@ -27,9 +27,9 @@ FORECAST_FILE = "forecast.json"
 class ExperimentConfig:
     sources: list = field(default_factory=lambda: ["default:stdlib+site"])
     vocab_size: int = 4096
-    depths: list = field(default_factory=lambda: [1, 2, 3])
-    tokens: list = field(default_factory=lambda: [1e6, 2e6, 4e6, 8e6])
-    target_flops: float = 5.3e14  # the launch being forecast; rungs stay under 1/10 of it, the ladder under 1/3
+    depths: list = field(default_factory=lambda: [2, 3])
+    tokens: list = field(default_factory=lambda: [1e6, 2e6, 3e6, 4e6, 6e6, 8e6])
+    target_flops: float = 7.5e14  # the launch being forecast; rungs stay under 1/10 of it, the ladder under 1/3
     context: int = 256
     eval_windows: int = 1024
     n_boot: int = 200
@@ -65,12 +65,14 @@ def _prepare_data(cfg: ExperimentConfig, out: Path, say) -> Path:
 def target_plan(fit_dir: Path, ladder: dict, cfg: ExperimentConfig) -> dict:
     """The target run: the depth the fit prefers for ``target_flops``, trained with the ladder's size rules."""
     from lmforge.scaling.forecast import best_depth, load_fit
-    from lmforge.scaling.ladder import LadderConfig, rung_hparams
+    from lmforge.scaling.ladder import LadderConfig, rung_hparams, rung_warmup
     from lmforge.model.model import ModelConfig, flops_per_token, param_counts
 
     nd, _, d = load_fit(fit_dir)
     family = d["model"]
-    pick = best_depth(nd, cfg.target_flops, family["vocab_size"], family["context"])
+    # The target must not repeat data, or its loss measures memorisation the law never saw.
+    pick = best_depth(nd, cfg.target_flops, family["vocab_size"], family["context"],
+                      max_tokens=ladder["train_tokens_available"])
     lcfg = LadderConfig(**ladder["config"])
     model = ModelConfig(depth=pick["depth"], vocab_size=family["vocab_size"], context=family["context"])
     hp = rung_hparams(model, lcfg)
@@ -79,12 +81,13 @@ def target_plan(fit_dir: Path, ladder: dict, cfg: ExperimentConfig) -> dict:
     D = steps * tokens_per_step
     return {"name": f"target-d{pick['depth']}", "depth": pick["depth"], "N": param_counts(model)["non_embedding"],
             "D": D, "steps": steps, "flops": flops_per_token(model) * D, "lr": hp["lr"], "batch_size": hp["batch_size"],
-            "warmup_steps": max(10, int(lcfg.warmup_frac * steps)), "tokens_per_param": D / pick["N"]}
+            "warmup_steps": rung_warmup(steps, lcfg), "tokens_per_param": D / pick["N"]}
 
 
 def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) the experiment in ``out``; return the report dict (also written to report.json)."""
     from lmforge.cost.ledger import ledger
+    from lmforge.scaling.fit import Point, backtest
     from lmforge.scaling.forecast import check_forecast, fit_runs, forecast, load_fit, plot_fit
     from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_train_config
     from lmforge.train.loop import train
@@ -154,6 +157,7 @@ def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = Tr
     report = {
         "config": asdict(cfg), "corpus_hash": json.loads((data / "manifest.json").read_text())["metrics"].get("corpus_hash"),
         "train_tokens_available": ladder["train_tokens_available"], "rungs": rungs,
+        "backtest": backtest([Point(**q) for q in fitd["points"]]),
         "fit": {"params": nd.params, "stderr": nd.stderr, "rmse_log": nd.rmse_log, "warnings": nd.warnings,
                 "compute_only": {"params": c.params, "stderr": c.stderr, "rmse_log": c.rmse_log}},
         "target": {**target, "epochs": tm["epochs"], "train_time_s": tm["train_time_s"], "val_loss": tm["final_val_loss"],
@@ -182,6 +186,10 @@ def render_report(r: dict) -> str:
     lines += ["", "| parameter | value | bootstrap s.e. |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.4g} | {f['stderr'].get(k, math.nan):.2g} |" for k, v in f["params"].items()]
     lines += ["", f"log-residual RMS {f['rmse_log']:.4f}; warnings: {'; '.join(f['warnings']) or 'none'}"]
+    for b in r.get("backtest", []):
+        lines += [f"backtest: refitted without {b['name']} ({b['compute_vs_fitted']:.2g}x the compute of the largest "
+                  f"rung left in), the law predicts {b['predicted']:.4f} for it; actual {b['actual']:.4f}, "
+                  f"error {b['error_pct']:+.2f}%"]
     t, fc, ck = r["target"], r["forecast"], r["check"]
     lines += ["", "| | |", "|---|---|",
               f"| target | depth {t['depth']}, N = {t['N']:,}, D = {t['D']:,} ({t['tokens_per_param']:.1f} tokens/param, "

@@ -302,6 +302,20 @@ def reference_fit(name: str) -> ScalingFit:
                       n_range=n, d_range=d, c_range=(6 * n[0] * d[0], 6 * n[1] * d[1]))
 
 
+def backtest(points: list[Point], holdout: int = 1) -> list[dict]:
+    """Refit without the ``holdout`` largest-compute runs and predict each of them: how well the
+    law extrapolates inside the ladder, before trusting it outside."""
+    ranked = sorted(points, key=lambda p: p.C)
+    train, held = ranked[:-holdout], ranked[-holdout:]
+    fit = fit_nd(train, n_boot=0)
+    out = []
+    for p in held:
+        pred = fit.predict(p.N, p.D)
+        out.append({"name": p.name, "actual": p.loss, "predicted": pred, "error_pct": 100 * (p.loss - pred) / p.loss,
+                    "compute_vs_fitted": p.C / max(q.C for q in train)})
+    return out
+
+
 def compute_optimal(fit: ScalingFit, C: float, flops_per_param_token: float = 6.0) -> dict:
     """N and D minimising L(N, D) subject to C = k * N * D (k = 6 by default).
 

@@ -109,9 +109,11 @@ def forecast(fit_path, N: float, D: float, C: float | None = None) -> dict:
             "loss_compute_only": c.predict(C=C) if c is not None else None}
 
 
-def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_depth: int = 64) -> list[dict]:
-    """Every depth on the dial that can spend ``flops`` on at least one token per parameter, with its
-    N, D (from the real FLOPs per token, embeddings and attention included) and predicted loss."""
+def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_depth: int = 64,
+                  max_tokens: float | None = None) -> list[dict]:
+    """Every depth on the dial that can spend ``flops`` on at least one token per parameter (and, with
+    ``max_tokens``, on no more tokens than the data holds: no repeated data), with its N, D (from the
+    real FLOPs per token, embeddings and attention included) and predicted loss."""
     from lmforge.model.model import ModelConfig, flops_per_token, param_counts
 
     out = []
@@ -121,14 +123,19 @@ def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, m
         D = flops / fpt
         if D < N:
             break
+        if max_tokens is not None and D > max_tokens:
+            continue
         out.append({"depth": depth, "N": N, "D": D, "flops_per_token": fpt, "tokens_per_param": D / N,
                     "loss": nd.predict(N, D)})
     return out
 
 
-def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int) -> dict:
+def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_tokens: float | None = None) -> dict:
     """The depth whose run of ``flops`` the fitted law predicts to end lowest."""
-    opts = depth_options(nd, flops, vocab_size, context)
+    opts = depth_options(nd, flops, vocab_size, context, max_tokens=max_tokens)
+    if not opts and max_tokens is not None and depth_options(nd, flops, vocab_size, context):
+        raise LmforgeError(f"every depth that can use {flops:.3g} FLOPs would need more than the {max_tokens:.3g} "
+                           "train tokens the data holds; add data or lower the budget")
     if not opts:
         from lmforge.model.model import ModelConfig, flops_per_token, param_counts
 
@@ -156,7 +163,7 @@ def check_forecast(run_dir) -> dict:
 
 def plan_compute(fit_path, flops: float | None = None, dollars: float | None = None, device_hours: float | None = None,
                  hardware: str = "H100", mfu: float = 0.4, gpus: int | None = None, days: float | None = None,
-                 smallest_N: float | None = None, catalog=None) -> dict:
+                 smallest_N: float | None = None, catalog=None, max_tokens: float | None = None) -> dict:
     """Compute-optimal N and D for a budget, with wall-clock, dollars and kWh on named hardware.
 
     Exactly one budget form: FLOPs, dollars, device-hours, or (gpus, days) for the reverse question."""
@@ -194,7 +201,7 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
                        interval_80=iv["80%"], interval_95=iv["95%"])
             family = d.get("model") or {}
             if family.get("vocab_size") and family.get("context"):
-                pick = best_depth(nd, flops, family["vocab_size"], family["context"])
+                pick = best_depth(nd, flops, family["vocab_size"], family["context"], max_tokens)
                 fc = forecast(fit_path, pick["N"], pick["D"], flops)
                 out["depth_plan"] = {**pick, "interval_80": fc["interval_80"], "interval_95": fc["interval_95"],
                                      "vocab_size": family["vocab_size"], "context": family["context"]}

@@ -13,7 +13,10 @@ Size rules (documented in docs/scaling.md):
   that keeps per-layer update sizes comparable across widths), capped at ``lr_ref``;
 - batch size grows with model size as ``N^(1/3)`` from ``batch_ref`` at ``N_ref``, rounded to a
   power of two (larger models tolerate and benefit from larger batches);
-- warmup is a fixed share of the rung's steps (``warmup_frac``, at least 10 steps).
+- warmup grows with the rung's tokens: ``warmup_frac`` of its steps, but never fewer than
+  ``warmup_min_steps`` (nor more than half the run). Short rungs need the floor: at 3e-3 a
+  500-step run warmed up for 25 steps ends 25% worse than one warmed up for 200, which
+  would poison the fit with an optimisation failure rather than a scaling effect.
 
 Every rung is evaluated on the same ``eval_windows`` validation windows, whatever its batch
 size, so the final losses the law is fitted to are comparable.
@@ -36,7 +39,9 @@ LADDER_FILE = "ladder.json"
 
 @dataclass
 class LadderConfig:
-    depths: list = field(default_factory=lambda: [1, 2, 3, 4])
+    # Depth 1 is left out: one layer cannot compose attention heads, and its loss curve has a
+    # different shape from deeper models' (docs/scaling.md), which bends the joint fit.
+    depths: list = field(default_factory=lambda: [2, 3, 4, 5])
     multipliers: list = field(default_factory=lambda: [1, 2, 5, 10])  # x 20 tokens per parameter
     tokens_per_param: float = 20.0
     tokens: list = field(default_factory=list)  # fixed token budgets for every depth, instead of multipliers
@@ -46,6 +51,7 @@ class LadderConfig:
     batch_ref: int = 16
     n_ref: float = 1e6
     warmup_frac: float = 0.05
+    warmup_min_steps: int = 200
     schedule: str = "cosine"
     vocab_size: int = 0  # 0: from the data's tokenizer
     seed: int = 1337
@@ -71,6 +77,10 @@ def rung_hparams(model: ModelConfig, cfg: LadderConfig) -> dict:
     raw_batch = cfg.batch_ref * (N / cfg.n_ref) ** (1 / 3)
     batch = int(2 ** round(math.log2(max(1.0, raw_batch))))
     return {"lr": lr, "batch_size": max(1, batch)}
+
+
+def rung_warmup(steps: int, cfg: LadderConfig) -> int:
+    return min(steps // 2, max(cfg.warmup_min_steps, int(cfg.warmup_frac * steps)))
 
 
 def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops: float | None = None,
@@ -104,7 +114,7 @@ def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops:
                 "name": f"d{depth}-{label}", "depth": depth, "N": N,
                 "params_total": param_counts(model)["total"], "D": D, "tokens_per_param": D / N, "steps": steps,
                 "flops": flops, "flops_per_token": fpt, "lr": hp["lr"], "batch_size": hp["batch_size"],
-                "warmup_steps": max(10, int(cfg.warmup_frac * steps)),
+                "warmup_steps": rung_warmup(steps, cfg),
                 "est_seconds": seconds, "est_cost": run_cost(seconds / 3600, hw),
             })
     rungs.sort(key=lambda r: r["flops"])
