@@ -199,3 +199,32 @@ def test_a_run_with_a_forecast_checks_itself(micro_ladder, tiny_data, tmp_path):
     assert chk["error_pct"] == pytest.approx(100 * (chk["actual"] - chk["forecast"]) / chk["actual"])
     res = run_cli("forecast", "--check", tmp_path / "target")
     assert res.returncode == 0 and f"error {chk['error_pct']:+.2f}%" in res.stdout
+
+
+def test_experiment_preset_forecasts_before_the_target_and_resumes(tmp_path):
+    """`lmforge ladder experiment` at micro scale: the whole chain, the forecast written before the target."""
+    from conftest import make_corpus
+    from lmforge.scaling.experiment import ExperimentConfig, run_experiment
+
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg = ExperimentConfig(sources=[str(corpus)], vocab_size=512, depths=[1, 2], tokens=[2560, 5120, 10240],
+                           target_flops=3.2e11, context=CTX, eval_windows=64, n_boot=10)
+    out = tmp_path / "exp"
+    r = run_experiment(out, cfg, progress=False)
+    plan = load_ladder(out / "ladder")
+    assert len(plan["rungs"]) >= 5
+    assert max(g["flops"] for g in plan["rungs"]) <= cfg.target_flops / 10
+    assert plan["total_flops"] <= cfg.target_flops / 3
+    target = json.loads((out / "target" / "manifest.json").read_text())
+    fc = json.loads((out / "forecast.json").read_text())
+    # the forecast was on disk before the target's first step, and the run recorded the same numbers
+    assert fc["made_at"] <= target["created"] and target["forecast"]["loss"] == pytest.approx(fc["forecast"]["loss"])
+    assert target["metrics"]["model_flops"] >= 10 * max(g["flops"] for g in plan["rungs"]) * 0.95
+    assert target["metrics"]["epochs"] <= 1
+    assert r["check"]["actual"] == target["metrics"]["final_val_loss"]
+    assert (out / "scaling.png").exists() and "| target |" in (out / "report.md").read_text()
+    stamp = (out / "forecast.json").read_text()
+    again = run_experiment(out, cfg, progress=False)  # everything done: nothing reruns, the forecast stays
+    assert (out / "forecast.json").read_text() == stamp and again["check"] == r["check"]
+    with pytest.raises(LmforgeError, match="different config"):
+        run_experiment(out, ExperimentConfig(**{**cfg.__dict__, "target_flops": 4e11}), progress=False)
