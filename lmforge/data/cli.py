@@ -14,7 +14,7 @@ def data_cmd(
     sources: Optional[List[str]] = typer.Argument(
         None, show_default=False,
         help="Where the text comes from, any mix of: a directory tree of text/code files; a .jsonl or .jsonl.gz "
-             "file; a .parquet file; a folder written by datasets' save_to_disk; hf:NAME[:SPLIT] (streamed from "
+             "file; a .parquet file; a folder written by datasets' save_to_disk; hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT (streamed from "
              "the Hugging Face hub); default (this Python's standard library, ~32 MB) or default:stdlib+site "
              "(plus site-packages' .py files). None given: default."),
     out: Path = typer.Option(Path("runs/data"), "--out", "-o", help="Data run directory to write."),
