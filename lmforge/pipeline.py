@@ -45,6 +45,7 @@ class RunConfig:
     seed: int = 1337
     samples: list = field(default_factory=lambda: ["def ", "import ", "class ", "The "])
     near_dedup: bool = True
+    val_fraction: float = 0.02  # share of documents held out, chosen by content hash
 
 
 def _stage_done(stage_dir: Path, config_hash: str) -> bool:
@@ -127,7 +128,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: boo
     data_dir, tok_dir, train_dir, hf_dir = out / "data", out / "tokenizer", out / "train", out / "hf"
     say = print if progress else (lambda *a, **k: None)
 
-    data_cfg = DataConfig(dedup_near=cfg.near_dedup)
+    data_cfg = DataConfig(dedup_near=cfg.near_dedup, val_fraction=cfg.val_fraction)
     data_key = hash_json({"sources": cfg.sources, "data": asdict(data_cfg)})
     tok_key = hash_json({"data": data_key, "vocab": cfg.vocab_size})
     if not _stage_done(data_dir, tok_key) or not (data_dir / "tokens" / "index.json").exists():
@@ -185,6 +186,7 @@ def run_cmd(
     vocab_size: int = typer.Option(8192, "--vocab-size", help="BPE vocabulary size."),
     context: int = typer.Option(256, "--context", help="Training sequence length in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
+    val_fraction: float = typer.Option(0.02, "--val-fraction", help="Share of documents held out for validation, chosen by content hash."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Build a model end to end: data -> tokenizer -> train -> samples -> HF export.
@@ -193,7 +195,7 @@ def run_cmd(
     in about 15 minutes on 2 CPU cores. Example: lmforge run --depth 6 --steps 2000 -o runs/d6
     """
     cfg = RunConfig(sources=source or ["default"], depth=depth, steps=steps, vocab_size=vocab_size, context=context,
-                    batch_size=batch_size)
+                    batch_size=batch_size, val_fraction=val_fraction)
     r = run_pipeline(cfg, out, progress=not quiet)
     print()
     print(f"run directory:   {r['run_dir']}")

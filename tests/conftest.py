@@ -27,7 +27,7 @@ def make_corpus(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """(data_dir, tokenizer_dir) for ~1 MB of stdlib code, vocab 512."""
+    """(data_dir, tokenizer_dir) for ~0.5 MB of stdlib code, vocab 512."""
     from lmforge.data.prepare import DataConfig, prepare_data
     from lmforge.data.shards import tokenize_data
     from lmforge.tokenizer.train import train_tokenizer
@@ -70,9 +70,9 @@ def run_cli(*args, env=None, timeout=300):
                           env=full_env, timeout=timeout)
 
 
-def signal_when(args, path, sig, delay, env=None, timeout=120):
-    """Start ``python -m lmforge ARGS``, wait until ``path`` exists, wait ``delay`` s, send ``sig``;
-    return (returncode, stderr)."""
+def signal_when(args, path, sig, delay, env=None, timeout=120, contains=None):
+    """Start ``python -m lmforge ARGS``, wait until ``path`` exists (and holds the text ``contains``,
+    when given), wait ``delay`` s, send ``sig``; return (returncode, stderr)."""
     import subprocess
     import time
 
@@ -80,7 +80,11 @@ def signal_when(args, path, sig, delay, env=None, timeout=120):
     p = subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, args)], env=full_env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t_end = time.time() + timeout
-    while time.time() < t_end and p.poll() is None and not Path(path).exists():
+    def ready():
+        f = Path(path)
+        return f.exists() and (contains is None or contains in f.read_text(errors="replace"))
+
+    while time.time() < t_end and p.poll() is None and not ready():
         time.sleep(0.02)
     time.sleep(delay)
     if p.poll() is None:

@@ -1,7 +1,6 @@
 """The data stage: every source type, cleaning, dedup, split, token shards, bad input, flat memory."""
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -18,11 +17,6 @@ from lmforge.data.prepare import DataConfig, iter_clean, prepare_data
 from lmforge.data.shards import TokenData, dtype_for, tokenize_data
 from lmforge.errors import LmforgeError
 
-CLI_MODULES = ["lmforge.train.cli", "lmforge.model.cli", "lmforge.export.cli", "lmforge.cost.cli", "lmforge.pipeline",
-               "lmforge.train.status", "lmforge.scaling.cli"]
-# The CLI tests run the real `python -m lmforge`; skip them only while a verb it registers is not written yet.
-needs_cli = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in CLI_MODULES),
-                               reason="lmforge.cli imports a stage that does not exist yet")
 
 
 def doc(i: int, n: int = 3) -> str:
@@ -306,13 +300,11 @@ def one_line_error(res, *needles):
         assert n in lines[0], lines[0]
 
 
-@needs_cli
 def test_cli_missing_path(tmp_path):
     one_line_error(run_cli("data", tmp_path / "nope", "-o", tmp_path / "o", "-q"), str(tmp_path / "nope"),
                    "no such file")
 
 
-@needs_cli
 def test_cli_empty_corpus(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("hi")
@@ -321,7 +313,6 @@ def test_cli_empty_corpus(tmp_path):
                    str(tmp_path / "empty"), "binary 1", "too_short 1", "--min-chars")
 
 
-@needs_cli
 def test_cli_jsonl_line_not_json(tmp_path):
     f = write_jsonl(tmp_path / "bad.jsonl", [{"text": doc(1)}])
     with f.open("a") as fh:
@@ -329,21 +320,18 @@ def test_cli_jsonl_line_not_json(tmp_path):
     one_line_error(run_cli("data", f, "-o", tmp_path / "o", "-q"), f"{f}:2", "not valid JSON")
 
 
-@needs_cli
 def test_cli_jsonl_missing_field(tmp_path):
     f = write_jsonl(tmp_path / "c.jsonl", [{"body": doc(1)}])
     one_line_error(run_cli("data", f, "-o", tmp_path / "o", "-q"), f"{f}:1", "no field 'text'", "body",
                    "--text-field")
 
 
-@needs_cli
 def test_cli_unreachable_hub_dataset(tmp_path):
     res = run_cli("data", "hf:someone/no-such-dataset:train", "-o", tmp_path / "o", "-q",
                   env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     one_line_error(res, "hf:someone/no-such-dataset:train: cannot load the Hugging Face dataset")
 
 
-@needs_cli
 def test_cli_config_file_flags_and_set(tmp_path):
     """Precedence: defaults < --config < flags < --set; near dups are kept with --no-near-dedup."""
     base = doc(7, n=6)
@@ -363,7 +351,6 @@ def test_cli_config_file_flags_and_set(tmp_path):
     one_line_error(run_cli("data", "-c", conf, "-o", tmp_path / "o2", "-q"), str(conf), "unknown key 'data.bogus'")
 
 
-@needs_cli
 def test_cli_tokenizer_then_tokenize(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": doc(i, n=20)} for i in range(12)])
     prepare_data([str(src)], tmp_path / "d", cfg(val_fraction=0.3), progress=False)

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 
 
@@ -20,8 +19,6 @@ COMMON = ["--depth", "1", "--steps", "12", "-q", "--set", "model.context=32", "-
           "--set", "log_every=1", "--set", "eval_every=6", "--set", "eval_batches=4", "--set", "warmup_steps=2"]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
 def test_torchrun_two_processes_match_one(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

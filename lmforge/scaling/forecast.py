@@ -228,7 +228,10 @@ def plot_fit(fit_path, out_png, forecast_point: dict | None = None, actual: floa
         ax.scatter([p.C for p in sel], [p.loss for p in sel], color=col, zorder=3, label=f"N={N:.2g}")
         if nd is not None:
             Ds = np.logspace(np.log10(min(p.D for p in sel) / 2), np.log10(max(p.D for p in sel) * 2), 50)
-            ax.plot(6 * N * Ds, [nd.predict(N, D) for D in Ds], color=col, lw=1, alpha=0.7)
+            # the points sit at their measured compute (embeddings and attention included), so the
+            # curve uses the same FLOPs per token rather than 6N
+            per_token = sel[0].C / sel[0].D
+            ax.plot(per_token * Ds, [nd.predict(N, D) for D in Ds], color=col, lw=1, alpha=0.7)
     Cmax = max(p.C for p in pts) * (30 if not forecast_point else max(2, forecast_point["C"] / max(p.C for p in pts) * 2))
     Cs = np.logspace(np.log10(min(p.C for p in pts) / 2), np.log10(Cmax), 100)
     ax.plot(Cs, [c.predict(C=x) for x in Cs], "k--", lw=1, label="L(C) fit")
