@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.train import SPECIAL_TOKENS, load_tokenizer, min_vocab_size, special_ids, train_tokenizer
-from test_data import needs_cli, one_line_error
+from test_data import one_line_error
 
 TEXT = "def f(x):\n    return x  # café, naïve, 日本語 and emoji 🙂\n"
 
@@ -95,7 +95,6 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path)
 
 
-@needs_cli
 def test_cli_vocab_too_small(tiny_data, tmp_path):
     one_line_error(run_cli("tokenizer", tiny_data[0], "-o", tmp_path / "t", "--vocab-size", "100", "-q"),
                    "--vocab-size 100 is too small", "at least 264")
