@@ -24,14 +24,14 @@ from lmforge.train.guard import read_events
 
 pytestmark = pytest.mark.slow
 
-STEPS, BATCH, CTX, DEPTH = 800, 16, 64, 2
+STEPS, BATCH, CTX, DEPTH, CKPT_EVERY = 800, 16, 64, 2, 25
 REPORT: dict = {}
 
 
 def train_args(data_dir, out, *extra):
     return ["train", "--data", str(data_dir), "-o", str(out), "--depth", str(DEPTH), "--steps", str(STEPS), "-q",
             "--resume", "auto", "--set", f"model.context={CTX}", "--set", f"batch_size={BATCH}",
-            "--set", "precision='fp32'", "--set", "ckpt_every=25", "--set", "eval_every=400", "--set", "eval_batches=16",
+            "--set", "precision='fp32'", "--set", f"ckpt_every={CKPT_EVERY}", "--set", "eval_every=400", "--set", "eval_batches=16",
             "--set", "log_every=10", "--set", "seed=0", *extra]
 
 
@@ -127,11 +127,15 @@ def test_soak_poisoned_spans(medium_data, clean_run, tmp_path):
     m = manifest(tmp_path / "healed")
     assert m["metrics"]["epochs"] < 1
     q = set(json.loads((tmp_path / "healed" / "quarantine.json").read_text())["steps"])
-    assert set(poisoned) <= q and len(q - set(poisoned)) <= 5, sorted(q)
+    # the stated superset: a rollback quarantines every step from the checkpoint it returns to
+    # (the newest one before the span) up to the spike, so a span that starts between checkpoints
+    # takes the clean steps before it along; beyond that, at most a few natural outliers
+    window = {s for span in spans for s in range(span.start // CKPT_EVERY * CKPT_EVERY, span.stop)}
+    assert set(poisoned) <= q and len(q - window) <= 5, sorted(q)
     diff = loss_diff(tmp_path / "healed", clean)
     assert abs(diff) < 1.0
     record("poisoned data", faults=len(spans), poisoned_steps=len(poisoned), quarantined_steps=len(q),
-           extra_quarantined=len(q - set(poisoned)), rollbacks=m["metrics"]["guard"]["rollbacks"], survived=True,
+           rollback_window_steps=len((q & window) - set(poisoned)), other_quarantined=len(q - window), rollbacks=m["metrics"]["guard"]["rollbacks"], survived=True,
            time_lost_s=m["metrics"]["guard"]["recovery_time_s"], final_loss_diff_pct=diff)
 
 
