@@ -181,12 +181,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: boo
 def run_cmd(
     out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run directory; re-running resumes it."),
     source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: the embedded stdlib corpus). Repeatable: dirs, .jsonl, .parquet, hf:NAME."),
-    depth: int = typer.Option(3, "--depth", help="Model size dial: depth layers of width 64*depth."),
-    steps: int = typer.Option(1000, "--steps", help="Training steps (each --batch-size x --context tokens)."),
-    vocab_size: int = typer.Option(8192, "--vocab-size", help="BPE vocabulary size."),
-    context: int = typer.Option(256, "--context", help="Training sequence length in tokens."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
-    val_fraction: float = typer.Option(0.02, "--val-fraction", help="Share of documents held out for validation, chosen by content hash."),
+    depth: int = typer.Option(RunConfig.depth, "--depth", help="Model size dial: depth layers of width 64*depth."),
+    steps: int = typer.Option(RunConfig.steps, "--steps", help="Training steps (each --batch-size x --context tokens)."),
+    vocab_size: int = typer.Option(RunConfig.vocab_size, "--vocab-size", help="BPE vocabulary size."),
+    context: int = typer.Option(RunConfig.context, "--context", help="Training sequence length in tokens."),
+    batch_size: int = typer.Option(RunConfig.batch_size, "--batch-size", help="Sequences per step."),
+    val_fraction: float = typer.Option(RunConfig.val_fraction, "--val-fraction", help="Share of documents held out for validation, chosen by content hash."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Build a model end to end: data -> tokenizer -> train -> samples -> HF export.

@@ -18,7 +18,6 @@ from lmforge.data.shards import TokenData, dtype_for, tokenize_data
 from lmforge.errors import LmforgeError
 
 
-
 def doc(i: int, n: int = 3) -> str:
     """A distinct document: random words, so no two are near-duplicates."""
     rng = np.random.default_rng(i)

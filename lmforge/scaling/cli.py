@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmforge.scaling.experiment import ExperimentConfig
+
 ladder_app = typer.Typer(help="Plan and run a ladder of small training runs for a scaling-law fit.", no_args_is_help=True)
 
 
@@ -91,14 +93,20 @@ def ladder_run_cmd(ladder: Path = typer.Argument(Path("runs/ladder")), quiet: bo
     print(f"{len(dirs)} rungs finished in {ladder}/rungs. Next: lmforge fit {ladder}")
 
 
+_EXPERIMENT = ExperimentConfig()  # the recorded experiment's settings are the flags' defaults
+
+
 @ladder_app.command("experiment")
 def ladder_experiment_cmd(
     out: Path = typer.Option(Path("runs/scaling"), "--out", "-o", help="Experiment directory; re-running resumes it."),
-    target_flops: float = typer.Option(7.5e14, "--target-flops", help="Compute of the target run being forecast."),
-    depths: str = typer.Option("2,3", "--depths", help="Ladder depths."),
-    tokens: str = typer.Option("1e6,2e6,3e6,4e6,6e6,8e6", "--tokens", help="Ladder token budgets (every depth)."),
-    source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: default:stdlib+site)."),
-    vocab_size: int = typer.Option(4096, "--vocab-size"),
+    target_flops: float = typer.Option(_EXPERIMENT.target_flops, "--target-flops",
+                                       help="Compute of the target run being forecast."),
+    depths: str = typer.Option(",".join(map(str, _EXPERIMENT.depths)), "--depths", help="Ladder depths."),
+    tokens: str = typer.Option(",".join(f"{t:g}" for t in _EXPERIMENT.tokens), "--tokens",
+                               help="Ladder token budgets (every depth)."),
+    source: Optional[List[str]] = typer.Option(None, "--source", "-s",
+                                               help=f"Corpus (default: {','.join(_EXPERIMENT.sources)})."),
+    vocab_size: int = typer.Option(_EXPERIMENT.vocab_size, "--vocab-size"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The recorded scaling experiment, end to end: data, ladder, fit, forecast, target run, check.
@@ -107,9 +115,9 @@ def ladder_experiment_cmd(
     most 1/3. The forecast is written to OUT/forecast.json before the target starts. With the
     defaults this takes about 2 hours on 2 CPU cores. Example: lmforge ladder experiment -o runs/scaling
     """
-    from lmforge.scaling.experiment import ExperimentConfig, run_experiment
+    from lmforge.scaling.experiment import run_experiment
 
-    cfg = ExperimentConfig(sources=source or ["default:stdlib+site"], vocab_size=vocab_size,
+    cfg = ExperimentConfig(sources=source or list(_EXPERIMENT.sources), vocab_size=vocab_size,
                            depths=_parse_list(depths, int, "--depths"), tokens=_parse_list(tokens, float, "--tokens"),
                            target_flops=target_flops)
     r = run_experiment(out, cfg, progress=not quiet)
