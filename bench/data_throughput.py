@@ -25,7 +25,7 @@ PHASES = {
                  "man = train_tokenizer({work!r} + '/data', {work!r} + '/tok', 8192, progress=False)\n"
                  "mb = min(man['config']['max_train_bytes'] or 1e18, {train_bytes}) / 1e6\n"
                  "extra = f\"vocab 8192, val {{man['metrics']['bytes_per_token']}} bytes/token\"",
-    "tokenize": "from lmforge.data.shards import tokenize_data\n"
+    "tokenize": "from lmforge.tokenizer.encode import tokenize_data\n"
                 "m = tokenize_data({work!r} + '/data', {work!r} + '/tok', progress=False)['metrics']\n"
                 "mb = (m['bytes_train'] + m['bytes_val']) / 1e6\n"
                 "extra = f\"{{m['tokens_train']:,}} train + {{m['tokens_val']:,}} val tokens\"",

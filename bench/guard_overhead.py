@@ -3,7 +3,7 @@
     python bench/guard_overhead.py                       # a 3 MB stdlib corpus, depth 3, 6 rounds x 60 steps
     python bench/guard_overhead.py --data runs/default/data --depth 4 --rounds 4 --steps 100
 
-Both variants train the same config from scratch with lmforge.train.loop.train and write
+Both variants train the same config from scratch with lmforge.train.trainer.train and write
 the same checkpoints (every --ckpt-every steps); the guard adds its per-step spike check and
 the step-0 checkpoint that guarantees a rollback target. Runs alternate on/off (the order
 flips each round) so background load hits both alike; the table reports medians over rounds
@@ -24,23 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.model.model import ModelConfig  # noqa: E402
 from lmforge.train.guard import GuardConfig  # noqa: E402
-from lmforge.train.loop import TrainConfig, train  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
+from lmforge.train.trainer import train  # noqa: E402
 
 
 def small_corpus_data(work: Path) -> Path:
     """Tokenized data from ~3 MB of stdlib modules (vocab 2048)."""
-    from lmforge.data.prepare import DataConfig, prepare_data
-    from lmforge.data.shards import tokenize_data
-    from lmforge.tokenizer.train import train_tokenizer
-
     from lmforge.data.corpus import write_stdlib_sample
+    from lmforge.data.prepare import DataConfig
+    from lmforge.tokenizer.encode import build_token_data
 
     corpus = write_stdlib_sample(work / "corpus", 3_000_000)
-    data, tok = work / "data", work / "tok"
-    prepare_data([str(corpus)], data, DataConfig(val_fraction=0.05), progress=False)
-    train_tokenizer(data, tok, vocab_size=2048, progress=False)
-    tokenize_data(data, tok, progress=False)
-    return data
+    build_token_data([str(corpus)], work / "data", work / "tok", DataConfig(val_fraction=0.05), vocab_size=2048,
+                     progress=False)
+    return work / "data"
 
 
 def main() -> None:

@@ -2,10 +2,11 @@
 
     python bench/train_throughput.py                    # defaults: 7 rounds x 3 steps, compiled variant included
     python bench/train_throughput.py --no-compile --rounds 5 --threads 2
+    python bench/train_throughput.py --against d5213aa   # the whole training loop, this tree vs a git ref
 
 All models have the same shape (6 layers, d_model 384, 6 heads, context 256, batch 16,
 vocab 8192 = lmforge's default tokenizer size; about 10.6M non-embedding parameters)
-and train with the same step as lmforge/train/loop.py: forward under autocast (bf16 where
+and train with the same step as lmforge/train/trainer.py: forward under autocast (bf16 where
 the CPU supports it), backward, clip_grad_norm_, fused AdamW, zero_grad(set_to_none).
 
   ours        lmforge GPT, bf16 autocast, eager
@@ -103,7 +104,16 @@ def main() -> None:
     ap.add_argument("--remeasure-peak", action="store_true",
                     help="measure the matmul peaks again (lmforge.cost.hw cache) instead of using the cached values")
     ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--against", default="", metavar="REF",
+                    help="instead, time the whole training loop (lmforge train) of this tree against git REF, side by side")
     args = ap.parse_args()
+    if args.against:
+        from _loop_compare import compare_loops
+
+        r = compare_loops(args.against, rounds=args.rounds if args.rounds != 7 else 4)
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,14 @@
 """Config plumbing: small dataclasses, filled from TOML files and ``key=value`` overrides.
 
-Every stage owns its own dataclass. This module only knows how to build one from a
-nested dict, check types and reject unknown keys with a message that names the key
-and the file it came from.
+Every stage owns its own dataclass and a section name (``data``, ``train``, ``ladder``...).
+One rule holds for every verb: a TOML file and ``--set`` use the same dotted keys, rooted
+at the section (``[train]`` / ``[train.model]`` in a file, ``--set train.model.depth=4`` on
+the command line), and the precedence is
+
+    defaults < --config file < --set < explicit flags
+
+so one file can hold the settings of several stages, and a flag typed on the command
+line always wins. :func:`resolve_config` is the only place that merges them.
 """
 
 from __future__ import annotations
@@ -143,5 +149,43 @@ def from_dict(cls: type[T], data: dict, where: str = "config", prefix: str = "")
         raise LmforgeError(f"{where}: {e}") from None
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+def resolve_config(cls: type[T], section: str, file: str | Path | None = None, sets: list[str] | None = None,
+                   flags: dict | None = None, base: dict | None = None) -> T:
+    """Build ``cls`` from its ``[section]`` of ``file``, ``--set section.KEY=VALUE`` items and the
+    flags the user typed (a nested dict, see :func:`flag_tree`), in that order of precedence.
+
+    ``base`` holds values a caller derives itself (below the file): for example an experiment's
+    ladder settings. Keys under other sections are left for other verbs, so a whole-run TOML works.
+    """
+    table: dict = {}
+    if file is not None:
+        doc = load_toml(file)
+        loose = [k for k, v in doc.items() if not isinstance(v, dict)]
+        if loose:
+            raise LmforgeError(f"{file}: key '{loose[0]}' is outside any table; settings go under the table of their "
+                               f"stage, e.g. [{section}] then {loose[0]} = ...")
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise LmforgeError(f"{file}: '{section}' must be a table, e.g. [{section}]")
+    over = parse_overrides(sets)
+    stray = sorted(k for k in over if k != section)
+    if stray:
+        example = f"{section}.{stray[0]}"
+        raise LmforgeError(f"--set {stray[0]}...: keys start with the section '{section}', for example --set {example}=...")
+    merged = deep_merge(deep_merge(deep_merge(base or {}, table), over.get(section, {})), flags or {})
+    where = " / ".join([str(file)] * (file is not None) + ["--set"] * bool(sets)) or "flags"
+    return from_dict(cls, merged, where=where, prefix=f"{section}.")
+
+
+def flag_tree(**dotted: Any) -> dict:
+    """``flag_tree(**{"model.depth": 4, "lr": None})`` -> ``{"model": {"depth": 4}}``: the flags a user typed, nested."""
+    out: dict = {}
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        d = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = value
+    return out

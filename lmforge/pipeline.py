@@ -17,13 +17,21 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
-import typer
 
+from lmforge.data.prepare import DataConfig
+from lmforge.data.shards import INDEX, TokenData
+from lmforge.export.hf import export_hf
+from lmforge.model.generate import SampleConfig
 from lmforge.model.model import ModelConfig
-from lmforge.rundir import Manifest, hash_file, hash_json
+from lmforge.model.sampling import sample_texts
+from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, hash_file, hash_json, is_complete, read_manifest
+from lmforge.tokenizer.encode import build_token_data
+from lmforge.train.checkpoint import list_checkpoints
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import METRICS
+from lmforge.train.trainer import train
 
 
 @dataclass
@@ -48,30 +56,20 @@ class RunConfig:
     val_fraction: float = 0.02  # share of documents held out, chosen by content hash
 
 
-def _stage_done(stage_dir: Path, config_hash: str) -> bool:
-    m = stage_dir / "manifest.json"
-    if not m.exists():
-        return False
-    try:
-        man = json.loads(m.read_text())
-    except json.JSONDecodeError:
-        return False
-    return man.get("status") == "complete" and man.get("pipeline_key") == config_hash
+def _stage_done(stage_dir: Path, key: str) -> bool:
+    """Complete, and made from the same inputs and settings as this pipeline asks for now."""
+    return is_complete(stage_dir) and read_manifest(stage_dir).get("pipeline_key") == key
 
 
 def _mark(stage_dir: Path, key: str) -> None:
-    p = stage_dir / "manifest.json"
+    p = stage_dir / MANIFEST
     man = json.loads(p.read_text())
     man["pipeline_key"] = key
-    from lmforge.rundir import atomic_write_json
-
     atomic_write_json(p, man)
 
 
 def unigram_entropy(data_dir: Path) -> float:
     """Entropy (nats/token) of the train split's unigram distribution: the loss a model that ignores context would reach."""
-    from lmforge.data.shards import TokenData
-
     td = TokenData(data_dir)
     train = td.split("train")
     counts = np.zeros(td.vocab_size, dtype=np.int64)
@@ -88,7 +86,7 @@ def plot_loss(train_dir: Path, out_png: Path, unigram: float | None = None) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in (train_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    recs = [json.loads(ln) for ln in (train_dir / METRICS).read_text().splitlines() if ln.strip()]
     tr = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
     tokens_per_step = tr[0][0] / next(r["step"] for r in recs if "loss" in r) if tr else 1
     va = [(r["step"] * tokens_per_step, r["val_loss"]) for r in recs if "val_loss" in r]
@@ -114,14 +112,6 @@ def plot_loss(train_dir: Path, out_png: Path, unigram: float | None = None) -> P
 
 def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: bool = True) -> dict:
     """Run every stage; return a summary dict (paths, val loss, samples)."""
-    from lmforge.data.prepare import DataConfig, prepare_data
-    from lmforge.data.shards import tokenize_data
-    from lmforge.export.hf import export_hf
-    from lmforge.model.generate import SampleConfig
-    from lmforge.model.sampling import sample_texts
-    from lmforge.tokenizer.train import train_tokenizer
-    from lmforge.train.loop import TrainConfig, train
-
     out = Path(out)
     t0 = time.time()
     top = Manifest(out, "run", asdict(cfg))
@@ -131,12 +121,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: boo
     data_cfg = DataConfig(dedup_near=cfg.near_dedup, val_fraction=cfg.val_fraction)
     data_key = hash_json({"sources": cfg.sources, "data": asdict(data_cfg)})
     tok_key = hash_json({"data": data_key, "vocab": cfg.vocab_size})
-    if not _stage_done(data_dir, tok_key) or not (data_dir / "tokens" / "index.json").exists():
-        say(f"[1/5] data: cleaning {', '.join(cfg.sources)} -> {data_dir}")
-        prepare_data(cfg.sources, data_dir, data_cfg, progress=progress)
-        say(f"[2/5] tokenizer: byte-level BPE, vocab {cfg.vocab_size} -> {tok_dir}")
-        train_tokenizer(data_dir, tok_dir, vocab_size=cfg.vocab_size, progress=progress)
-        tokenize_data(data_dir, tok_dir, progress=progress)
+    if not _stage_done(data_dir, tok_key) or not (data_dir / "tokens" / INDEX).exists():
+        build_token_data(cfg.sources, data_dir, tok_dir, data_cfg, cfg.vocab_size, progress=progress,
+                         say=lambda msg: say(f"[1-2/5] {msg}"))
         _mark(data_dir, tok_key)
     else:
         say(f"[1-2/5] data and tokenizer: up to date in {data_dir}")
@@ -150,8 +137,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: boo
     train_key = hash_json({"tok": tok_key, "train": asdict(tcfg)})
     if not _stage_done(train_dir, train_key):
         say(f"[3/5] train: depth {cfg.depth}, {cfg.steps} steps -> {train_dir}")
-        resume = (train_dir / "checkpoints").exists() and any((train_dir / "checkpoints").glob("step-*"))
-        train(tcfg, resume=resume, progress=progress)
+        train(tcfg, resume="auto" if list_checkpoints(train_dir) else "never", progress=progress)
         _mark(train_dir, train_key)
     else:
         say(f"[3/5] train: up to date in {train_dir}")
@@ -163,10 +149,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: boo
     say(f"[5/5] export: Hugging Face format -> {hf_dir}")
     export_hf(train_dir, hf_dir)
 
-    train_man = json.loads((train_dir / "manifest.json").read_text())
-    val = train_man["metrics"].get("final_val_loss")
+    val = read_manifest(train_dir)["metrics"].get("final_val_loss")
     for name, d in [("data", data_dir), ("tokenizer", tok_dir), ("train", train_dir), ("hf", hf_dir)]:
-        top.add_input(name, d, content_hash=hash_file(d / "manifest.json"))
+        top.add_input(name, d, content_hash=hash_file(d / MANIFEST))
     top.add_output("loss_curve", png)
     top.add_output("samples", out / "samples.txt")
     (out / "samples.txt").write_text("".join(f"--- prompt: {p!r}\n{p}{s}\n\n" for p, s in zip(cfg.samples, samples)))
@@ -176,33 +161,3 @@ def run_pipeline(cfg: RunConfig, out: str | Path = "runs/default", progress: boo
     top.finish()
     return {"run_dir": str(out), "loss_png": str(png), "hf_dir": str(hf_dir), "val_loss": val,
             "unigram_entropy": unigram, "samples": list(zip(cfg.samples, samples))}
-
-
-def run_cmd(
-    out: Path = typer.Option(Path("runs/default"), "--out", "-o", help="Run directory; re-running resumes it."),
-    source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: the embedded stdlib corpus). Repeatable: dirs, .jsonl, .parquet, hf:NAME."),
-    depth: int = typer.Option(RunConfig.depth, "--depth", help="Model size dial: depth layers of width 64*depth."),
-    steps: int = typer.Option(RunConfig.steps, "--steps", help="Training steps (each --batch-size x --context tokens)."),
-    vocab_size: int = typer.Option(RunConfig.vocab_size, "--vocab-size", help="BPE vocabulary size."),
-    context: int = typer.Option(RunConfig.context, "--context", help="Training sequence length in tokens."),
-    batch_size: int = typer.Option(RunConfig.batch_size, "--batch-size", help="Sequences per step."),
-    val_fraction: float = typer.Option(RunConfig.val_fraction, "--val-fraction", help="Share of documents held out for validation, chosen by content hash."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-):
-    """Build a model end to end: data -> tokenizer -> train -> samples -> HF export.
-
-    With no options this trains a ~3M-parameter model on this Python's standard library
-    in about 15 minutes on 2 CPU cores. Example: lmforge run --depth 6 --steps 2000 -o runs/d6
-    """
-    cfg = RunConfig(sources=source or ["default"], depth=depth, steps=steps, vocab_size=vocab_size, context=context,
-                    batch_size=batch_size, val_fraction=val_fraction)
-    r = run_pipeline(cfg, out, progress=not quiet)
-    print()
-    print(f"run directory:   {r['run_dir']}")
-    print(f"val loss curve:  {r['loss_png']}")
-    print(f"final val loss:  {r['val_loss']:.4f} nats/token (unigram entropy {r['unigram_entropy']:.4f})")
-    print(f"HF export:       {r['hf_dir']}  (transformers.AutoModelForCausalLM.from_pretrained)")
-    print("samples:")
-    for p, s in r["samples"]:
-        print("-" * 60)
-        print(p + s)

@@ -4,12 +4,16 @@ Every stage writes ``manifest.json`` into its run directory. Later stages read t
 manifests of earlier ones instead of relying on file-name conventions. All writes
 go to a temporary file that is fsynced and renamed, so a crash never leaves a file
 that looks complete.
+
+A ladder directory (``lmforge ladder plan``) is a group of train runs: ``ladder.json``
+lists its rungs, each a train run directory under ``rungs/NAME``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -21,6 +25,7 @@ from lmforge import __version__
 from lmforge.errors import LmforgeError
 
 MANIFEST = "manifest.json"
+LADDER_FILE = "ladder.json"
 
 
 @contextmanager
@@ -72,14 +77,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: a NaN or infinity (a loss that was never measured, say) is written as null,
+    since ``json.dumps`` would write the bare token ``NaN``, which JSON readers reject."""
+    atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default,
+                                       allow_nan=False) + "\n")
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "item"):  # numpy / torch scalars
-        return o.item()
+        return _finite(o.item())
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
@@ -118,11 +136,43 @@ def read_manifest(run_dir: str | os.PathLike, expect_stage: str | None = None) -
     return m
 
 
+def is_complete(run_dir: str | os.PathLike, stage: str | None = None) -> bool:
+    """Whether ``run_dir`` holds a finished stage (of kind ``stage``, when given): the one
+    answer to "can a later stage use this, or must it run again?"."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return m.get("status") == "complete" and (stage is None or m.get("stage") == stage)
+
+
+def update_manifest(run_dir: str | os.PathLike, **fields: Any) -> dict:
+    """Set top-level ``fields`` of an existing manifest (atomically); returns the new manifest."""
+    m = read_manifest(run_dir)
+    m.update(fields)
+    atomic_write_json(Path(run_dir) / MANIFEST, m)
+    return m
+
+
+def ladder_rungs(path: str | os.PathLike) -> list[Path] | None:
+    """The rung run directories a ladder directory holds (finished or not), or None when
+    ``path`` is not a ladder."""
+    p = Path(path) / LADDER_FILE
+    if not p.exists():
+        return None
+    try:
+        plan = json.loads(p.read_text(encoding="utf-8"))
+        return [Path(path) / "rungs" / r["name"] for r in plan["rungs"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LmforgeError(f"{p}: not a valid ladder plan ({e}); recreate it with `lmforge ladder plan`") from None
+
+
 class Manifest:
     """Collects what a stage did and writes it atomically as ``manifest.json``.
 
-    ``update`` may be called repeatedly (for example at each checkpoint) so that a
-    long stage always has an up-to-date manifest with ``status: running``.
+    ``write`` may be called repeatedly: training rewrites its manifest at every checkpoint,
+    so a long run always has an up-to-date manifest with ``status: running``.
     """
 
     def __init__(self, run_dir: str | os.PathLike, stage: str, config: dict | None = None):

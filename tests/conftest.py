@@ -29,7 +29,7 @@ def make_corpus(root: Path) -> Path:
 def tiny_data(tmp_path_factory):
     """(data_dir, tokenizer_dir) for ~0.5 MB of stdlib code, vocab 512."""
     from lmforge.data.prepare import DataConfig, prepare_data
-    from lmforge.data.shards import tokenize_data
+    from lmforge.tokenizer.encode import tokenize_data
     from lmforge.tokenizer.train import train_tokenizer
 
     base = tmp_path_factory.mktemp("tiny")
@@ -48,7 +48,7 @@ def medium_data(tmp_path_factory):
     For tests that must train past the chaotic early phase without repeating data, so that
     a batch's tokens appear at exactly one step."""
     from lmforge.data.prepare import DataConfig, prepare_data
-    from lmforge.data.shards import tokenize_data
+    from lmforge.tokenizer.encode import tokenize_data
     from lmforge.tokenizer.train import train_tokenizer
 
     from lmforge.data.corpus import write_stdlib_sample

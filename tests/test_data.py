@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from lmforge.data.prepare import DataConfig, iter_clean, prepare_data
-from lmforge.data.shards import TokenData, dtype_for, tokenize_data
+from lmforge.data.cleaned import iter_clean
+from lmforge.data.prepare import DataConfig, prepare_data
+from lmforge.data.shards import TokenData, dtype_for
+from lmforge.tokenizer.encode import tokenize_data
 from lmforge.errors import LmforgeError
 
 
@@ -104,9 +106,9 @@ def test_partial_overlap_is_not_a_near_duplicate(tmp_path):
     half = " ".join(words[: len(words) // 2] + doc(2, n=3).split())  # shares about a third of its shingles
     d = Deduper(tmp_path / "d.sqlite", threshold=0.8, num_perm=128)
     try:
-        assert not d.is_near_dup(a) and not d.is_near_dup(half)
-        assert d.is_near_dup(" ".join(words[:-1] + ["changed"]))
-        assert not d.is_near_dup("too few words")  # under one shingle: left to exact dedup
+        assert not d.check_and_add_near(a) and not d.check_and_add_near(half)
+        assert d.check_and_add_near(" ".join(words[:-1] + ["changed"]))
+        assert not d.check_and_add_near("too few words")  # under one shingle: left to exact dedup
     finally:
         d.close()
     assert not (tmp_path / "d.sqlite").exists()
@@ -258,7 +260,7 @@ def big_vocab_tokenizer(path: Path, vocab_size: int = 70_000) -> Path:
     """A byte-level tokenizer whose byte tokens have ids above 65535, so uint16 would corrupt them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from lmforge.tokenizer.train import SPECIAL_TOKENS
+    from lmforge.tokenizer.io import SPECIAL_TOKENS
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -277,7 +279,8 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     assert dtype_for(65536) == np.dtype("uint16") and dtype_for(65537) == np.dtype("uint32")
     tok_dir = big_vocab_tokenizer(tmp_path / "tok")
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": doc(i)} for i in range(6)])
-    man = prepare_data([str(src)], tmp_path / "data", cfg(val_fraction=0.3), tokenizer_dir=tok_dir, progress=False)
+    prepare_data([str(src)], tmp_path / "data", cfg(val_fraction=0.3), progress=False)
+    man = tokenize_data(tmp_path / "data", tok_dir, progress=False)
     td = TokenData(tmp_path / "data")
     assert td.dtype == np.dtype("uint32") and td.vocab_size == 70_000 and man["metrics"]["token_dtype"] == "uint32"
     ids = td.split("train").window(0, len(td.split("train")))
@@ -332,18 +335,20 @@ def test_cli_unreachable_hub_dataset(tmp_path):
 
 
 def test_cli_config_file_flags_and_set(tmp_path):
-    """Precedence: defaults < --config < flags < --set; near dups are kept with --no-near-dedup."""
+    """Precedence: defaults < --config < --set < flags; near dups are kept with --no-near-dedup."""
     base = doc(7, n=6)
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": base}, {"text": base.replace("document 7", "doc seven")},
                                              {"text": doc(8)}, {"text": "short text, 27 characters."}])
     conf = tmp_path / "run.toml"
     conf.write_text(f'[data]\nsources = ["{src}"]\nmin_chars = 10\nval_fraction = 0.3\nnum_perm = 64\n'
                     '[train]\nlr = 1.0\n')
-    res = run_cli("data", "-c", conf, "--no-near-dedup", "--set", "min_chars=30", "-o", tmp_path / "o", "-q")
+    res = run_cli("data", "-c", conf, "--no-near-dedup", "--set", "data.min_chars=20", "--set", "data.num_perm=32",
+                  "--min-chars", "30", "-o", tmp_path / "o", "-q")
     assert res.returncode == 0, res.stderr
     man = json.loads((tmp_path / "o" / "manifest.json").read_text())
     c = man["config"]
-    assert (c["min_chars"], c["val_fraction"], c["num_perm"], c["dedup_near"]) == (30, 0.3, 64, False)
+    # min_chars: the flag beats --set; num_perm: --set beats the file; val_fraction: the file beats the default
+    assert (c["min_chars"], c["val_fraction"], c["num_perm"], c["dedup_near"]) == (30, 0.3, 32, False)
     assert c["sources"] == [str(src)]
     assert man["metrics"]["docs_kept"] == 3 and man["metrics"]["dropped"]["too_short"] == 1
     conf.write_text("[data]\nbogus = 1\n")
@@ -373,7 +378,7 @@ def test_cli_tokenizer_then_tokenize(tmp_path):
 RSS_SCRIPT = """
 import resource, sys
 from lmforge.data.prepare import DataConfig, prepare_data
-from lmforge.data.shards import tokenize_data
+from lmforge.tokenizer.encode import tokenize_data
 mode, a, b = sys.argv[1:4]
 if mode == "clean":
     prepare_data([a], b, DataConfig(min_chars=20), progress=False)
@@ -435,3 +440,8 @@ def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
 def test_peak_memory_does_not_grow_with_corpus_size_large(tmp_path):
     """10,000 vs 100,000 documents (~11 vs ~106 MB)."""
     check_flat_memory(tmp_path, 10_000, 10)
+
+
+def test_cli_set_keys_start_with_the_section(tmp_path):
+    res = run_cli("data", "default", "--set", "min_chars=30", "-o", tmp_path / "o", "-q")
+    one_line_error(res, "--set min_chars...: keys start with the section 'data', for example --set data.min_chars=...")

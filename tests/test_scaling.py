@@ -189,14 +189,13 @@ def test_ledger_sums_match_the_manifests(micro_ladder):
 
 
 def test_a_run_with_a_forecast_checks_itself(micro_ladder, tiny_data, tmp_path):
+    from lmforge.scaling.forecast import train_with_forecast
     from lmforge.scaling.ladder import rung_train_config
-    from lmforge.train.loop import train
 
     plan = load_ladder(micro_ladder)
     rung = dict(plan["rungs"][-1], steps=60, D=60 * plan["rungs"][-1]["batch_size"] * CTX)
     cfg = rung_train_config(rung, LadderConfig(**plan["config"]), str(tiny_data[0]), tmp_path / "target")
-    cfg.forecast_fit = str(micro_ladder / "fit.json")
-    man = train(cfg, progress=False)
+    man = train_with_forecast(cfg, micro_ladder / "fit.json", progress=False)
     assert man["forecast"]["loss"] > 0 and man["forecast"]["C"] == man["metrics"]["model_flops"]
     chk = check_forecast(tmp_path / "target")
     assert chk == man["forecast_check"]
@@ -231,3 +230,19 @@ def test_experiment_preset_forecasts_before_the_target_and_resumes(medium_data, 
     assert (out / "forecast.json").read_text() == stamp and again["check"] == r["check"]
     with pytest.raises(LmforgeError, match="different config"):
         run_experiment(out, ExperimentConfig(**{**cfg.__dict__, "target_flops": 4e11}), progress=False)
+
+
+def test_ladder_plan_reads_its_config_file_and_flags_still_win(tiny_data, tmp_path):
+    conf = tmp_path / "ladder.toml"
+    conf.write_text('[ladder]\ndepths = [1, 2]\nmultipliers = [1, 3]\ncontext = 32\nhardware = "cpu"\nbatch_ref = 4\n'
+                    'eval_windows = 64\n')
+    res = run_cli("ladder", "plan", "--data", tiny_data[0], "-o", tmp_path / "lad", "-c", conf)
+    assert res.returncode == 0, res.stderr
+    plan = load_ladder(tmp_path / "lad")
+    assert plan["config"]["depths"] == [1, 2] and plan["config"]["multipliers"] == [1, 3]
+    assert plan["config"]["context"] == 32 and len(plan["rungs"]) == 4
+    res = run_cli("ladder", "plan", "--data", tiny_data[0], "-o", tmp_path / "lad2", "-c", conf, "--depths", "1",
+                  "--set", "ladder.multipliers=[2]")
+    assert res.returncode == 0, res.stderr
+    plan = load_ladder(tmp_path / "lad2")
+    assert plan["config"]["depths"] == [1] and plan["config"]["multipliers"] == [2] and plan["config"]["context"] == 32

@@ -30,9 +30,9 @@ REPORT: dict = {}
 
 def train_args(data_dir, out, *extra):
     return ["train", "--data", str(data_dir), "-o", str(out), "--depth", str(DEPTH), "--steps", str(STEPS), "-q",
-            "--resume", "auto", "--set", f"model.context={CTX}", "--set", f"batch_size={BATCH}",
-            "--set", "precision='fp32'", "--set", f"ckpt_every={CKPT_EVERY}", "--set", "eval_every=400", "--set", "eval_batches=16",
-            "--set", "log_every=10", "--set", "seed=0", *extra]
+            "--resume", "auto", "--set", f"train.model.context={CTX}", "--set", f"train.batch_size={BATCH}",
+            "--set", "train.precision='fp32'", "--set", f"train.ckpt_every={CKPT_EVERY}", "--set", "train.eval_every=400", "--set", "train.eval_batches=16",
+            "--set", "train.log_every=10", "--set", "train.seed=0", *extra]
 
 
 def lmforge(args, **kw):
@@ -142,7 +142,7 @@ def test_soak_poisoned_spans(medium_data, clean_run, tmp_path):
 def test_soak_nan_and_inf(medium_data, clean_run, tmp_path):
     clean, _ = clean_run
     steps = [120, 333, 601]
-    res = lmforge(train_args(medium_data[0], tmp_path / "nan", "--set", f"inject_nan_at={steps}"))
+    res = lmforge(train_args(medium_data[0], tmp_path / "nan", "--set", f"train.inject_nan_at={steps}"))
     assert res.returncode == 0, res.stderr
     m = manifest(tmp_path / "nan")
     assert m["metrics"]["guard"]["rollbacks"] == len(steps)
@@ -180,7 +180,7 @@ def test_soak_torchrun_poisoned_rank(medium_data, tmp_path):
     bad = poison(medium_data[0], tmp_path / "bad", [300, 301, 302, 500], rank=1, world=2, batch=BATCH // 2, ctx=CTX)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "lmforge", *train_args(bad, tmp_path / "r", "--set", f"batch_size={BATCH // 2}")],
+                          "-m", "lmforge", *train_args(bad, tmp_path / "r", "--set", f"train.batch_size={BATCH // 2}")],
                          capture_output=True, text=True, env=env, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     q = set(json.loads((tmp_path / "r" / "quarantine.json").read_text())["steps"])

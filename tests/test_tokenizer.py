@@ -7,7 +7,8 @@ import pytest
 
 from conftest import run_cli
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer.train import SPECIAL_TOKENS, load_tokenizer, min_vocab_size, special_ids, train_tokenizer
+from lmforge.tokenizer.io import SPECIAL_TOKENS, load_tokenizer, special_ids
+from lmforge.tokenizer.train import min_vocab_size, train_tokenizer
 from test_data import one_line_error
 
 TEXT = "def f(x):\n    return x  # café, naïve, 日本語 and emoji 🙂\n"

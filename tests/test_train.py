@@ -8,7 +8,8 @@ from conftest import run_cli
 from lmforge.errors import LmforgeError
 from lmforge.model.io import load_model
 from lmforge.model.model import ModelConfig
-from lmforge.train.loop import TrainConfig, train
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train
 
 
 def tiny_cfg(data_dir, out, **kw):
@@ -98,33 +99,35 @@ def _one_line_error(res, needle):
 
 
 def test_cli_n_head_not_dividing_width(tiny_data, tmp_path):
-    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "--depth", "2", "--set", "model.n_head=3", "-q")
+    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "--depth", "2", "--set", "train.model.n_head=3", "-q")
     _one_line_error(res, "model.n_head = 3 does not divide model.d_model = 128")
 
 
 def test_cli_batch_that_does_not_fit(tiny_data, tmp_path):
-    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "--depth", "1", "--set", "batch_size=100000", "-q")
+    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "--depth", "1", "--set", "train.batch_size=100000", "-q")
     _one_line_error(res, "a batch doesn't fit")
 
 
 def test_cli_unknown_config_key(tiny_data, tmp_path):
     cfg = tmp_path / "t.toml"
-    cfg.write_text("max_steps = 3\n[model]\ndepht = 2\n")
+    cfg.write_text("[train]\nmax_steps = 3\n[train.model]\ndepht = 2\n")
     res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "-c", cfg, "-q")
-    _one_line_error(res, f"{cfg}: unknown key 'model.depht'")
+    _one_line_error(res, f"{cfg}: unknown key 'train.model.depht'")
+    cfg.write_text("max_steps = 3\n")  # the layout before sections: refused, not ignored
+    res = run_cli("train", "--data", tiny_data[0], "-o", tmp_path / "r", "-c", cfg, "-q")
+    _one_line_error(res, f"{cfg}: key 'max_steps' is outside any table; settings go under the table of their stage, e.g. [train]")
 
 
 def test_corrupted_only_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     run = tmp_path / "r"
     train(tiny_cfg(data_dir, run, max_steps=8, ckpt_every=8), progress=False)
-    ck = run / "checkpoints" / "step-00000008" / "state.pt"
-    ck.write_bytes(ck.read_bytes()[:100])
-    # the only checkpoint is bad: verifying it names the damage
-    from lmforge.train.checkpoint import verify_checkpoint
-
-    with pytest.raises(LmforgeError, match="checksum mismatch; the file is corrupted or truncated"):
-        verify_checkpoint(run / "checkpoints" / "step-00000008")
+    for step in (0, 8):  # the step-0 rollback target and the final checkpoint
+        ck = run / "checkpoints" / f"step-{step:08d}" / "state.pt"
+        ck.write_bytes(ck.read_bytes()[:100])
+    # every checkpoint is bad: resuming names the damage instead of silently starting over
+    with pytest.raises(LmforgeError, match="no checkpoint in .* verifies .*step-00000008.*checksum mismatch"):
+        train(tiny_cfg(data_dir, run, max_steps=16, ckpt_every=8), resume="auto", progress=False)
 
 
 def test_cli_truncated_model_file(tiny_data, tmp_path):
@@ -139,9 +142,9 @@ def test_cli_truncated_model_file(tiny_data, tmp_path):
 
 def test_cli_resume_with_different_config(tiny_data, tmp_path):
     args = ["train", "--data", tiny_data[0], "-o", tmp_path / "r", "--depth", "1", "--steps", "2", "-q",
-            "--set", "batch_size=2", "--set", "model.context=16", "--set", "precision='fp32'"]
+            "--set", "train.batch_size=2", "--set", "train.model.context=16", "--set", "train.precision='fp32'"]
     assert run_cli(*args).returncode == 0
-    res = run_cli(*args, "--resume", "auto", "--set", "lr=0.01")
+    res = run_cli(*args, "--resume", "auto", "--set", "train.lr=0.01")
     _one_line_error(res, "different config (differs in: lr)")
 
 

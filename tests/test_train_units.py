@@ -5,7 +5,7 @@ import torch
 from lmforge.config import parse_overrides
 from lmforge.errors import LmforgeError
 from lmforge.train.batches import BatchSource, val_batches
-from lmforge.train.loop import TrainConfig, config_from_sources
+from lmforge.train.config import TrainConfig, load_train_config, resume_mode
 from lmforge.train.schedule import lr_at
 
 
@@ -68,15 +68,36 @@ def test_val_batches_are_fixed():
     assert starts[0] == 0 and starts[-1] > 1000 * 0.8 and len(set(starts)) == 12
 
 
-def test_config_rejects_unknown_keys_and_bad_types():
-    with pytest.raises(LmforgeError, match="unknown key 'model.dept'"):
-        config_from_sources({"model": {"dept": 3}}, {}, "cfg.toml")
-    with pytest.raises(LmforgeError, match="key 'lr' = 'fast' should be of type float"):
-        config_from_sources({}, parse_overrides(["lr=fast"]), "--set")
+def test_config_rejects_unknown_keys_and_bad_types(tmp_path):
+    toml = tmp_path / "cfg.toml"
+    toml.write_text("[train.model]\ndept = 3\n")
+    with pytest.raises(LmforgeError, match="cfg.toml: unknown key 'train.model.dept'"):
+        load_train_config(toml)
+    with pytest.raises(LmforgeError, match="key 'train.lr' = 'fast' should be of type float"):
+        load_train_config(sets=["train.lr=fast"])
     with pytest.raises(LmforgeError, match="train.schedule"):
         TrainConfig(schedule="linear")
-    cfg = config_from_sources({"model": {"depth": 3}}, parse_overrides(["lr=1e-3", "model.n_kv_head=1"]), "--set")
-    assert cfg.lr == 1e-3 and cfg.model.depth == 3 and cfg.model.n_kv_head == 1 and cfg.model.vocab_size == 0
+    with pytest.raises(LmforgeError, match=r"unknown hardware 'B300' \(train.hardware\): not in the hardware catalog; known: A100"):
+        load_train_config(sets=["train.hardware='B300'"])
+
+
+def test_one_precedence_defaults_file_set_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[data]\nmin_chars = 3\n[train]\nlr = 2e-3\nwarmup_steps = 7\nseed = 5\n[train.model]\ndepth = 3\n")
+    cfg = load_train_config(toml, ["train.lr=1e-3", "train.model.n_kv_head=1", "train.seed=6"], {"seed": 9})
+    assert (cfg.lr, cfg.warmup_steps, cfg.seed) == (1e-3, 7, 9)  # --set beats the file, a flag beats --set
+    assert cfg.model.depth == 3 and cfg.model.n_kv_head == 1 and cfg.model.vocab_size == 0
+    assert cfg.max_steps == TrainConfig.max_steps  # untouched keys keep their defaults
+    with pytest.raises(LmforgeError, match="--set lr...: keys start with the section 'train'"):
+        load_train_config(sets=["lr=1e-3"])
+
+
+def test_resume_mode_has_one_spelling(tmp_path):
+    assert resume_mode(True) == resume_mode("auto") == "auto"
+    assert resume_mode(False) == resume_mode(None) == resume_mode("") == resume_mode("never") == "never"
+    assert resume_mode(str(tmp_path)) == tmp_path
+    with pytest.raises(LmforgeError, match="--resume nowhere: no such checkpoint directory"):
+        resume_mode("nowhere")
 
 
 def test_parse_overrides_requires_key_value():

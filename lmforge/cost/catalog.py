@@ -1,4 +1,9 @@
-"""The hardware catalog and the cost of a run: device-hours, kWh, dollars and CO2."""
+"""The hardware catalog and the cost of a run: device-hours, kWh, dollars and CO2.
+
+The catalog is the one place device peaks live: MFU, planning and pricing all read it,
+so a user's own entry (``~/.config/lmforge/hardware.toml`` or ``--catalog FILE``) reaches
+all three. The ``cpu`` entry's peaks are measured on first use (``lmforge hw``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmforge.config import load_toml
+from lmforge.cost.hw import measure_cpu
 from lmforge.errors import LmforgeError
 
 if sys.version_info >= (3, 11):
@@ -36,7 +44,7 @@ def user_catalog_path() -> Path:
     return Path(base) / "hardware.toml"
 
 
-def load_catalog(extra: str | Path | None = None) -> dict[str, Hardware]:
+def _raw_catalog(extra: str | Path | None = None) -> dict[str, dict]:
     """Built-in entries, then the user's file, then ``extra``; later files override earlier ones."""
     raw = tomllib.loads((Path(__file__).parent / "hardware.toml").read_text())
     for path in (user_catalog_path(), extra):
@@ -45,37 +53,71 @@ def load_catalog(extra: str | Path | None = None) -> dict[str, Hardware]:
                 raw[name] = {**raw.get(name, {}), **entry}
         elif path and path == extra:
             raise LmforgeError(f"--catalog {extra}: file not found")
-    out = {}
-    for name, e in raw.items():
-        try:
-            out[name] = Hardware(name, float(e["peak_bf16"]), float(e["peak_fp32"]), float(e["watts"]), float(e["usd_per_hour"]))
-        except KeyError as k:
-            raise LmforgeError(f"hardware catalog entry [{name}] lacks {k}; each needs peak_bf16, peak_fp32, watts, usd_per_hour") from None
-    if "cpu" in out and not out["cpu"].peak_bf16:
-        from lmforge.cost.hw import measure_cpu
+    return raw
 
+
+def load_catalog(extra: str | Path | None = None) -> dict[str, Hardware]:
+    return {name: _entry(name, e) for name, e in _raw_catalog(extra).items()}
+
+
+def _entry(name: str, e: dict) -> Hardware:
+    try:
+        hw = Hardware(name, float(e["peak_bf16"]), float(e["peak_fp32"]), float(e["watts"]), float(e["usd_per_hour"]))
+    except KeyError as k:
+        raise LmforgeError(f"hardware catalog entry [{name}] lacks {k}; each needs peak_bf16, peak_fp32, watts, usd_per_hour") from None
+    if not hw.peak_fp32:  # 0 means "measure this machine's CPU"
         m = measure_cpu()
-        out["cpu"].peak_fp32 = m["fp32"]
-        out["cpu"].peak_bf16 = m.get("bf16") or m["fp32"]
-    return out
+        hw.peak_fp32 = m["fp32"]
+        hw.peak_bf16 = hw.peak_bf16 or m.get("bf16") or m["fp32"]
+    return hw
+
+
+def _lookup(name: str, extra) -> tuple[str | None, dict]:
+    raw = _raw_catalog(extra)
+    key = next((k for k in raw if k.lower() == name.lower()), None)
+    return key, raw
+
+
+def check_hardware(name: str, extra: str | Path | None = None, what: str = "hardware") -> str:
+    """``name`` if the catalog knows it (or it is ``auto``); otherwise an error listing the known
+    names. Cheap: it measures nothing, so configs can call it when they are read."""
+    if name == "auto":
+        return name
+    key, raw = _lookup(name, extra)
+    if key is None:
+        where = f" ({what})" if what != "hardware" else ""
+        raise LmforgeError(f"unknown hardware '{name}'{where}: not in the hardware catalog; known: {', '.join(sorted(raw))} "
+                           f"(add it to {user_catalog_path()} with peak_bf16, peak_fp32, watts, usd_per_hour)")
+    return key
 
 
 def get_hardware(name: str, extra: str | Path | None = None) -> Hardware:
-    cat = load_catalog(extra)
-    for key, hw in cat.items():
-        if key.lower() == name.lower():
-            return hw
-    raise LmforgeError(f"unknown hardware '{name}'; known: {', '.join(sorted(cat))} "
-                       f"(add it to {user_catalog_path()} with peak_bf16, peak_fp32, watts, usd_per_hour)")
+    key = check_hardware(name, extra)
+    return _entry(key, _lookup(key, extra)[1][key])
 
 
-def detect_hardware_name(device_type: str, device_name: str = "") -> str:
-    if device_type == "cuda":
-        for k in ("H200", "H100", "A100"):
-            if k in device_name:
-                return k
-        return device_name or "cuda"
-    return "cpu"
+def detect_hardware_name(device: torch.device) -> str:
+    """The catalog entry for the device training runs on. A GPU the catalog lacks is an error, not
+    a $0 line in the ledger: the message says how to add it or name an entry."""
+    if device.type != "cuda":
+        return "cpu"
+    gpu = torch.cuda.get_device_name(device)
+    _, raw = _lookup("cpu", None)
+    for key in sorted(raw, key=len, reverse=True):
+        if key.lower() != "cpu" and key.lower() in gpu.lower():
+            return key
+    raise LmforgeError(f"the GPU '{gpu}' is not in the hardware catalog; add an entry for it to {user_catalog_path()} "
+                       "(peak_bf16, peak_fp32, watts, usd_per_hour) or pass --set train.hardware=NAME")
+
+
+def device_peak(device: torch.device, hardware: str, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from) for MFU: the catalog entry of the device the run is on
+    (the measured ``cpu`` entry on a CPU; on a GPU the entry ``hardware`` names, or the detected one)."""
+    if device.type == "cpu":
+        hardware = "cpu"
+    hw = get_hardware(detect_hardware_name(device) if hardware == "auto" else hardware)
+    measured = device.type == "cpu" and hw.name == "cpu"
+    return hw.peak(dtype), (f"measured {dtype} matmul peak" if measured else f"catalog [{hw.name}] {dtype}")
 
 
 def run_cost(device_hours: float, hw: Hardware, grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH,

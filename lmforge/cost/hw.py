@@ -1,4 +1,4 @@
-"""Device peak FLOP/s: measured once on CPUs (``lmforge hw``) and cached, tabled for GPUs.
+"""This CPU's peak FLOP/s, measured once (``lmforge hw``) and cached; GPU peaks are in the catalog.
 
 MFU is only as honest as its denominator. Vendor numbers don't exist for a random
 CPU, so we time large bf16 and fp32 matmuls on the threads training will use and
@@ -16,14 +16,6 @@ from pathlib import Path
 import torch
 
 from lmforge.rundir import atomic_write_json
-
-# Dense (non-sparse) peaks in FLOP/s from vendor datasheets (SXM parts).
-GPU_PEAKS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-}
-
 
 def cache_path() -> Path:
     base = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
@@ -88,16 +80,3 @@ def measure_cpu(force: bool = False) -> dict:
     cache[key] = entry
     atomic_write_json(path, cache)
     return entry
-
-
-def device_peak(device: torch.device, dtype: str) -> tuple[float | None, str]:
-    """(peak FLOP/s, description) for MFU; None when unknown."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for k, v in GPU_PEAKS.items():
-            if k in name:
-                return v[dtype], f"{name} datasheet {dtype}"
-        return None, f"{name}: no peak on file"
-    entry = measure_cpu()
-    peak = entry.get(dtype) or entry["fp32"]
-    return peak, f"measured {dtype} matmul peak, {entry['threads']} threads"

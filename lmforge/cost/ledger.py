@@ -5,22 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.cost.catalog import get_hardware
 from lmforge.errors import LmforgeError
+from lmforge.rundir import MANIFEST, ladder_rungs
 
 
 def _train_runs(path: Path) -> list[tuple[str, Path]]:
-    """(group, run dir) pairs: a ladder expands to its rungs, a pipeline run to its train stage."""
-    from lmforge.scaling.ladder import LADDER_FILE
-
-    if (path / LADDER_FILE).exists():
-        plan = json.loads((path / LADDER_FILE).read_text())
-        return [(f"ladder:{path.name}", path / "rungs" / r["name"]) for r in plan["rungs"]
-                if (path / "rungs" / r["name"] / "manifest.json").exists()]
-    man = path / "manifest.json"
+    """(group, run dir) pairs: a ladder expands to its started rungs, a pipeline run to its train stage."""
+    rungs = ladder_rungs(path)
+    if rungs is not None:
+        return [(f"ladder:{path.name}", r) for r in rungs if (r / MANIFEST).exists()]
+    man = path / MANIFEST
     if not man.exists():
-        raise LmforgeError(f"{path}: not a run or ladder directory (no manifest.json)")
+        raise LmforgeError(f"{path}: not a run or ladder directory (no {MANIFEST})")
     stage = json.loads(man.read_text()).get("stage")
-    if stage == "run" and (path / "train" / "manifest.json").exists():
+    if stage == "run" and (path / "train" / MANIFEST).exists():
         return [(path.name, path / "train")]
     if stage != "train":
         raise LmforgeError(f"{path}: a '{stage}' directory has no training cost; pass train runs or ladders")
@@ -31,7 +30,7 @@ def ledger(paths) -> dict:
     rows = []
     for p in map(Path, paths):
         for group, run in _train_runs(p):
-            man = json.loads((run / "manifest.json").read_text())
+            man = json.loads((run / MANIFEST).read_text())
             m = man.get("metrics", {})
             cost = m.get("cost", {})
             rows.append({
@@ -55,8 +54,6 @@ def ledger(paths) -> dict:
 
 
 def inference_cost(tokens_per_s: float, hardware: str, devices: int = 1, catalog=None) -> dict:
-    from lmforge.cost.catalog import get_hardware
-
     if tokens_per_s <= 0:
         raise LmforgeError("--tokens-per-s must be positive")
     hw = get_hardware(hardware, catalog)

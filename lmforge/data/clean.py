@@ -105,8 +105,8 @@ class Deduper:
                 f"SELECT * FROM (SELECT id FROM lsh WHERE band={b} AND key=? LIMIT {MAX_CANDIDATES})"
                 for b in range(self.bands))
 
-    def is_exact_dup(self, h: bytes) -> bool:
-        """True if ``h`` was seen before; else remember it."""
+    def check_and_add_exact(self, h: bytes) -> bool:
+        """True if ``h`` was seen before; otherwise record it and return False."""
         cur = self.db.execute("INSERT OR IGNORE INTO exact (h) VALUES (?)", (h,))
         return cur.rowcount == 0
 
@@ -126,8 +126,9 @@ class Deduper:
         rows = sig[: self.bands * self.rows].reshape(self.bands, self.rows)
         return [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "big", signed=True) for r in rows]
 
-    def is_near_dup(self, text: str) -> bool:
-        """True if a kept document is estimated at >= threshold Jaccard similarity; else index this one."""
+    def check_and_add_near(self, text: str) -> bool:
+        """True if a kept document is estimated at >= threshold Jaccard similarity; otherwise index
+        this one as kept and return False."""
         if not self.near:
             return False
         sig = self._signature(text)

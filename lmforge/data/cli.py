@@ -6,8 +6,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from lmforge.config import flag_tree, resolve_config
+from lmforge.data.prepare import DataConfig, prepare_data
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer.encode import tokenize_data
+from lmforge.tokenizer.io import load_tokenizer
 
 
 def data_cmd(
@@ -33,8 +39,8 @@ def data_cmd(
                                                  help="Share of documents held out for validation, chosen by content "
                                                       "hash so a document always lands in the same split (default: 0.02)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="TOML file with a `data` table: any DataConfig key, and `sources`."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any DataConfig key, e.g. --set num_perm=64"),
+                                          help="TOML file whose [data] table sets any data key, `sources` included."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a data key, e.g. --set data.num_perm=64"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary table."),
 ):
     """Ingest, clean, deduplicate and split a corpus; with --tokenizer, also tokenize it into shards.
@@ -51,51 +57,26 @@ def data_cmd(
 
       lmforge data -o runs/data --tokenizer runs/tok --tokenize-only
 
-    Precedence: defaults < --config file < flags < --set.
+    Precedence: defaults < --config file < --set < flags.
     """
-    from lmforge.data.prepare import prepare_data
-    from lmforge.data.shards import tokenize_data
-
     if tokenize_only:
         if tokenizer is None:
             raise LmforgeError("--tokenize-only needs --tokenizer DIR (a directory made by `lmforge tokenizer`)")
         man = tokenize_data(out, tokenizer, progress=not quiet)
     else:
-        flags = {"text_field": text_field, "min_chars": min_chars, "max_chars": max_chars, "dedup_near": near_dedup,
-                 "val_fraction": val_fraction}
-        file_sources, cfg = data_config(config, {k: v for k, v in flags.items() if v is not None}, set_)
-        man = prepare_data(sources or file_sources or ["default"], out, cfg, tokenizer_dir=tokenizer,
-                           progress=not quiet)
+        flags = flag_tree(text_field=text_field, min_chars=min_chars, max_chars=max_chars, dedup_near=near_dedup,
+                          val_fraction=val_fraction, sources=sources or None)
+        cfg = resolve_config(DataConfig, "data", config, set_, flags)
+        if tokenizer is not None:
+            load_tokenizer(tokenizer)  # fail now, not after minutes of cleaning
+        man = prepare_data(cfg.sources, out, cfg, progress=not quiet)
+        if tokenizer is not None:
+            man = tokenize_data(out, tokenizer, progress=not quiet)
     if not quiet:
         print_summary(man, out)
 
 
-def data_config(config: Optional[Path], flags: dict, overrides: Optional[List[str]]):
-    """(sources from the file or None, DataConfig) from a TOML file, flags and --set overrides."""
-    from lmforge.config import from_dict, load_toml, parse_overrides
-    from lmforge.data.prepare import DataConfig
-
-    table: dict = {}
-    if config is not None:
-        doc = load_toml(config)
-        table = doc["data"] if "data" in doc else doc  # a whole-run TOML, or a data-only one
-        if not isinstance(table, dict):
-            raise LmforgeError(f"{config}: 'data' must be a table, e.g. [data]")
-        table = dict(table)
-    sources = table.pop("sources", None)
-    if sources is not None and (not isinstance(sources, list) or not all(isinstance(s, str) for s in sources)):
-        raise LmforgeError(f"{config}: data.sources must be a list of strings, e.g. sources = [\"corpus/\"]")
-    over = parse_overrides(overrides)
-    over = {**{k: v for k, v in over.items() if k != "data"}, **over.get("data", {})}
-    merged = {**table, **flags, **over}
-    where = f"{config} / --set" if config else "--set"
-    return sources, from_dict(DataConfig, merged, where=where, prefix="data.")
-
-
 def print_summary(man: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     m = man["metrics"]
     t = Table(title=f"lmforge data: {out}", title_justify="left")
     t.add_column("")

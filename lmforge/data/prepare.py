@@ -4,26 +4,27 @@ Output layout::
 
     DATA/clean/train-00000.jsonl ...   one {"text": ...} per line, rolled every shard_bytes
     DATA/clean/val-00000.jsonl ...
-    DATA/tokens/...                    after tokenizing (lmforge.data.shards)
+    DATA/tokens/...                    after tokenizing (lmforge.tokenizer.encode)
     DATA/manifest.json                 stage "data"
 
-Everything streams: one document is in memory at a time, dedup state is on disk.
+Everything streams: one document is in memory at a time, dedup state is on disk. Reading
+the cleaned splits back is :mod:`lmforge.data.cleaned`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.data.clean import Deduper, content_hash, normalize
 from lmforge.data.sources import iter_source, source_files
 from lmforge.errors import LmforgeError
-from lmforge.rundir import Manifest, commit_temp
+from lmforge.progress import Bar
+from lmforge.rundir import MANIFEST, Manifest, commit_temp
 
 DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "empty", "too_short", "too_long", "exact_dup", "near_dup")
 
@@ -32,6 +33,7 @@ DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "empty", "too_short", "t
 class DataConfig:
     """Settings of the data stage; a TOML ``[data]`` table and ``--set data.KEY=VALUE`` fill the same fields."""
 
+    sources: list = field(default_factory=list)  # what `lmforge data` reads when no source is named on the command line
     min_chars: int = 64  # shorter documents are mostly stubs (empty __init__.py, one-line notes)
     # Long enough to keep big, ordinary modules (the stdlib's largest real ones are ~300 KB); generated
     # blobs beyond this are dropped.
@@ -111,40 +113,6 @@ class ShardWriter:
             self._f = None
 
 
-class _Bar:
-    """A rich progress bar (with ETA when the total is known), or nothing when quiet or not on a terminal."""
-
-    def __init__(self, label: str, total: int | None, enabled: bool):
-        self._p = None
-        if not (enabled and sys.stderr.isatty()):
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        if total is None:
-            cols = [SpinnerColumn(), TextColumn(label), TextColumn("{task.completed} docs"), TimeElapsedColumn()]
-        else:
-            cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("files"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn()]
-        self._p = Progress(*cols, transient=True)
-        self._task = self._p.add_task(label, total=total)
-        self._per_doc = total is None
-
-    def __enter__(self):
-        if self._p:
-            self._p.start()
-        return self
-
-    def tick(self, new_file: bool) -> None:
-        """Advance per document for streamed sources, per file when the file count is known."""
-        if self._p and (self._per_doc or new_file):
-            self._p.advance(self._task)
-
-    def __exit__(self, *exc):
-        if self._p:
-            self._p.stop()
-
-
 class _Run:
     """The state of one prepare_data call: counters, writers, dedup index, running hashes."""
 
@@ -167,9 +135,9 @@ class _Run:
         text = normalize(raw)
         reason = _filter(text, self.cfg)
         h = content_hash(text)
-        if reason is None and self.cfg.dedup_exact and self.dedup.is_exact_dup(h):
+        if reason is None and self.cfg.dedup_exact and self.dedup.check_and_add_exact(h):
             reason = "exact_dup"
-        if reason is None and self.dedup.is_near_dup(text):
+        if reason is None and self.dedup.check_and_add_near(text):
             reason = "near_dup"
         if reason:
             self.stats[reason] += 1
@@ -191,23 +159,19 @@ class _Run:
         return self.stats["kept"] + sum(self.dropped().values())
 
 
-def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, tokenizer_dir=None,
-                 progress: bool = True) -> dict:
-    """Clean, dedup and split ``sources`` into ``out_dir``; tokenize too when ``tokenizer_dir`` is given.
+def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, progress: bool = True) -> dict:
+    """Clean, dedup and split ``sources`` into ``out_dir``; returns the data manifest (as a dict).
 
-    Returns the data manifest (as a dict). Raises LmforgeError for bad input: a missing path,
-    malformed JSONL, a missing text field, or a corpus from which no document survives.
+    Raises LmforgeError for bad input: a missing path, malformed JSONL, a missing text field,
+    or a corpus from which no document survives. Tokenizing is a later step
+    (:func:`lmforge.tokenizer.encode.tokenize_data`).
     """
     cfg = cfg or DataConfig()
-    sources = [str(s) for s in sources] or ["default"]
+    sources = [str(s) for s in sources] or list(cfg.sources) or ["default"]
     out_dir = Path(out_dir)
-    if tokenizer_dir is not None:
-        from lmforge.tokenizer.train import load_tokenizer
-
-        load_tokenizer(tokenizer_dir)  # fail now, not after minutes of cleaning
     file_lists = {src: source_files(src) for src in sources}  # a missing path fails before anything is touched
     _clear_outputs(out_dir)
-    man = Manifest(out_dir, "data", {"sources": sources, **asdict(cfg)})
+    man = Manifest(out_dir, "data", {**asdict(cfg), "sources": sources})
     run = _Run(out_dir, cfg)
     t0 = time.time()
     try:
@@ -231,16 +195,12 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, tok
                     input_mb_per_s=round(run.in_bytes / 1e6 / elapsed, 2) if elapsed > 0 else None,
                     corpus_hash="sha256:" + run.corpus_h.hexdigest())
     man.finish()
-    if tokenizer_dir is not None:
-        from lmforge.data.shards import tokenize_data
-
-        return tokenize_data(out_dir, tokenizer_dir, progress=progress)
     return man.data
 
 
 def _clear_outputs(out_dir: Path) -> None:
     """Remove what an earlier run left, so no stale clean shard or token index looks current."""
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     for pattern in ("clean/*.jsonl", "clean/.*.tmp", "tokens/index.json", "tokens/*.bin", "tokens/.*.tmp"):
         for old in out_dir.glob(pattern):
             old.unlink()
@@ -251,12 +211,15 @@ def _read_source(src: str, files: list[Path] | None, run: _Run, progress: bool) 
     """Feed every document of one source to ``run``; returns a hash of the source's raw content."""
     src_h = hashlib.sha256()
     last_file = None
-    with _Bar(f"data {src}", len(files) if files is not None else None, progress) as bar:
+    # Per file when the file count is known, else per document.
+    total, unit = (len(files), "files") if files is not None else (None, "docs")
+    with Bar(f"data {src}", total, unit=unit, enabled=progress) as bar:
         for doc_id, raw in iter_source(src, run.cfg.text_field, run.stats, files):
             src_h.update(doc_id.encode("utf-8", "surrogatepass") + b"\0" + raw.encode("utf-8", "surrogatepass") + b"\0")
             run.add(raw)
             file_part = doc_id.split("#")[0].rsplit(":", 1)[0] if files is not None else None
-            bar.tick(file_part != last_file)
+            if files is None or file_part != last_file:
+                bar.advance()
             last_file = file_part
     return "sha256:" + src_h.hexdigest()
 
@@ -284,22 +247,3 @@ def _filter(text: str, cfg: DataConfig) -> str | None:
     if len(text) > cfg.max_chars:
         return "too_long"
     return None
-
-
-def clean_files(data_dir, split: str) -> list[Path]:
-    """The cleaned JSONL shards of a split, as the data manifest lists them."""
-    from lmforge.rundir import read_manifest
-
-    man = read_manifest(data_dir, expect_stage="data")
-    out = man.get("outputs", {}).get(f"clean_{split}")
-    if out is None:
-        raise LmforgeError(f"{data_dir}/manifest.json lists no '{split}' split; rerun `lmforge data`")
-    return [Path(data_dir) / "clean" / f for f in out["files"]]
-
-
-def iter_clean(data_dir, split: str):
-    """The cleaned documents of one split, in order, one at a time."""
-    for f in clean_files(data_dir, split):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                yield json.loads(line)["text"]

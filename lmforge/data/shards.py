@@ -1,36 +1,31 @@
-"""Token shards: tokenizing the cleaned splits, and reading them back without copying.
+"""Token shards: their on-disk format, the writer's sink, and reading them back without copying.
 
 ``DATA/tokens/{split}-NNNNN.bin`` are raw little-endian arrays (uint16 when the vocabulary
 fits, else uint32); every document is followed by the eos token. ``index.json`` lists the
-shards with their token counts and is written last, so its presence means complete.
+shards with their token counts and is written last, so its presence means complete; the
+data manifest records its path and hash, and :func:`open_tokens` checks both. Tokenizing
+itself needs a tokenizer, so it lives a layer up, in :mod:`lmforge.tokenizer.encode`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.rundir import atomic_write_json, commit_temp, hash_file, hash_json, read_manifest
+from lmforge.rundir import MANIFEST, commit_temp, hash_json, read_manifest
 
 INDEX = "index.json"
 SPLITS = ("train", "val")
-# Text per encode_batch call: big enough that the Rust side keeps both cores busy, small
-# enough that the Encoding objects (ids, offsets, token strings) stay a few tens of MB.
-BATCH_CHARS = 1 << 20
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-class _ShardSink:
+class ShardSink:
     """Appends token ids to rolling ``{split}-NNNNN.bin`` shards of at most ``cap`` tokens."""
 
     def __init__(self, tok_dir: Path, split: str, dtype: np.dtype, cap: int):
@@ -69,127 +64,6 @@ class _ShardSink:
         return sum(s["tokens"] for s in self.shards)
 
 
-def tokenize_data(data_dir, tokenizer_dir, progress: bool = True, shard_tokens: int | None = None) -> dict:
-    """Tokenize a data run directory's cleaned splits into shards; returns the updated data manifest."""
-    from lmforge.tokenizer.train import load_tokenizer, special_ids
-
-    # encode_batch spreads over every core (rayon); honour an explicit "false" from the caller.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    data_dir, tokenizer_dir = Path(data_dir), Path(tokenizer_dir)
-    man = read_manifest(data_dir, expect_stage="data")
-    if man.get("status") != "complete":
-        raise LmforgeError(f"{data_dir}/manifest.json: status '{man.get('status')}'; rerun `lmforge data` first")
-    tok = load_tokenizer(tokenizer_dir)
-    ids = special_ids(tok)
-    vocab = tok.get_vocab_size()
-    dtype = dtype_for(vocab)
-    cap = shard_tokens or man["config"].get("shard_tokens", 16_000_000)
-    if cap < 1:
-        raise LmforgeError(f"shard_tokens = {cap}: must be at least 1")
-    tok_dir = _empty_tokens_dir(data_dir)
-    splits, t0, n_bytes = {}, time.time(), 0
-    for split in SPLITS:
-        tokens, shards, size = _tokenize_split(tok, ids["eos"], data_dir, split, tok_dir, dtype, cap, progress)
-        splits[split] = {"tokens": tokens, "shards": shards}
-        n_bytes += size
-    elapsed = time.time() - t0
-    index = {"dtype": dtype.name, "vocab_size": vocab, "eos_id": ids["eos"], "bos_id": ids["bos"], "pad_id": ids["pad"],
-             "tokenizer_hash": hash_file(tokenizer_dir / "tokenizer.json"), "splits": splits}
-    atomic_write_json(tok_dir / INDEX, index)
-    n_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
-    man["inputs"]["tokenizer"] = {"path": str(tokenizer_dir.resolve()), "hash": index["tokenizer_hash"]}
-    man["outputs"]["token_index"] = {"path": f"tokens/{INDEX}", "hash": hash_json(index)}
-    man["metrics"].update(tokens_train=splits["train"]["tokens"], tokens_val=splits["val"]["tokens"],
-                          token_dtype=dtype.name, bytes_per_token=round(n_bytes / max(1, n_tokens), 4),
-                          tokenize_mb_per_s=round(n_bytes / 1e6 / elapsed, 2) if elapsed > 0 else None)
-    atomic_write_json(data_dir / "manifest.json", man)
-    return man
-
-
-def _empty_tokens_dir(data_dir: Path) -> Path:
-    """``DATA/tokens`` with any earlier index removed first, so old shards never look current."""
-    tok_dir = data_dir / "tokens"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / INDEX).unlink(missing_ok=True)
-    for old in tok_dir.glob("*.bin"):
-        old.unlink()
-    return tok_dir
-
-
-def _tokenize_split(tok, eos: int, data_dir: Path, split: str, tok_dir: Path, dtype, cap: int, progress: bool):
-    """Stream one split through the tokenizer into shards; returns (tokens, shards, utf-8 bytes read)."""
-    from lmforge.data.prepare import clean_files
-
-    files = clean_files(data_dir, split)
-    sink = _ShardSink(tok_dir, split, dtype, cap)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips char offsets we never use
-    n_bytes = 0
-    with _Bar(f"tokenize {split}", sum(f.stat().st_size for f in files), progress) as bar:
-        try:
-            for texts, file_bytes in _batches(files):
-                sink.write(_join_with_eos(encode(texts, add_special_tokens=False), eos))
-                n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-                bar.advance(file_bytes)
-        finally:
-            sink.close()
-    return sink.tokens, sink.shards, n_bytes
-
-
-def _join_with_eos(encodings, eos: int) -> np.ndarray:
-    lens = [len(e.ids) for e in encodings]
-    out = np.empty(sum(lens) + len(lens), dtype=np.int64)
-    pos = 0
-    for e, n in zip(encodings, lens):
-        out[pos : pos + n] = e.ids
-        out[pos + n] = eos
-        pos += n + 1
-    return out
-
-
-def _batches(files: list[Path]) -> Iterator[tuple[list[str], int]]:
-    """Lists of documents of about BATCH_CHARS characters, with the JSONL bytes they came from."""
-    texts, chars, size = [], 0, 0
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                text = json.loads(line)["text"]
-                texts.append(text)
-                chars += len(text)
-                size += len(line.encode("utf-8"))
-                if chars >= BATCH_CHARS:
-                    yield texts, size
-                    texts, chars, size = [], 0, 0
-    if texts:
-        yield texts, size
-
-
-class _Bar:
-    """A rich bytes progress bar with ETA, or nothing when quiet or not on a terminal."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self._p = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
-
-            self._p = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                               TextColumn("ETA"), TimeRemainingColumn(), transient=True)
-            self._task = self._p.add_task(label, total=total)
-
-    def __enter__(self):
-        if self._p:
-            self._p.start()
-        return self
-
-    def advance(self, n: int) -> None:
-        if self._p:
-            self._p.advance(self._task, n)
-
-    def __exit__(self, *exc):
-        if self._p:
-            self._p.stop()
-
-
 class SplitView:
     """One split's shards as a single virtual array: ``len()`` and ``window(offset, length)``."""
 
@@ -214,6 +88,30 @@ class SplitView:
             filled += len(piece)
             k += 1
         return out
+
+
+def empty_tokens_dir(data_dir: Path) -> Path:
+    """``DATA/tokens`` with any earlier index and shards removed first, so old shards never look current."""
+    tok_dir = Path(data_dir) / "tokens"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / INDEX).unlink(missing_ok=True)
+    for old in tok_dir.glob("*.bin"):
+        old.unlink()
+    return tok_dir
+
+
+def open_tokens(data_dir) -> tuple[dict, "TokenData"]:
+    """(data manifest, token data) of a tokenized data run, through the index the manifest
+    records, whose hash must match: a shard set replaced behind the manifest's back fails here."""
+    man = read_manifest(data_dir, expect_stage="data")
+    entry = man.get("outputs", {}).get("token_index")
+    if not entry:
+        raise LmforgeError(f"{data_dir}: the data has not been tokenized; run `lmforge data ... --tokenizer DIR` first")
+    td = TokenData(Path(data_dir) / entry["path"])
+    if entry.get("hash") and td.index_hash != entry["hash"]:
+        raise LmforgeError(f"{td.dir / INDEX}: does not match the hash in {Path(data_dir) / MANIFEST}; the token "
+                           "shards were replaced after tokenizing; re-run `lmforge data ... --tokenizer DIR --tokenize-only`")
+    return man, td
 
 
 class TokenData:

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+from lmforge.data.corpus import default_corpus_paths
 from lmforge.errors import LmforgeError
 
 BINARY_SNIFF = 8192
@@ -47,8 +48,6 @@ def source_files(source: str) -> list[Path] | None:
     if source.startswith("hf:"):
         return None
     if source == "default" or source.startswith("default:"):
-        from lmforge.data.corpus import default_corpus_paths
-
         variant = source.split(":", 1)[1] if ":" in source else "stdlib"
         return default_corpus_paths(variant)
     p = Path(source)

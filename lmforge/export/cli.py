@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from lmforge.errors import LmforgeError
+from lmforge.export.hf import export_hf, import_hf
 
 FORMATS = ("hf",)
 
@@ -25,8 +26,6 @@ def export_cmd(
 
     then in Python: AutoModelForCausalLM.from_pretrained("runs/train-hf")
     """
-    from lmforge.export.hf import export_hf
-
     if format not in FORMATS:
         raise LmforgeError(f"--format {format}: unknown format; supported: {', '.join(FORMATS)}")
     path = export_hf(run, out or Path(run) / "hf", dtype=dtype, tokenizer_dir=tokenizer)
@@ -45,6 +44,4 @@ def import_hf_cmd(
     lmforge data CORPUS -o runs/tiny-data --tokenizer runs/tiny/tokenizer;
     lmforge train --data runs/tiny-data -o runs/cpt --set init_from=runs/tiny
     """
-    from lmforge.export.hf import import_hf
-
     print(f"imported {import_hf(hf_dir, out)}")

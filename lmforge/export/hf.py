@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.model.io import load_model, save_model, unwrap
 from lmforge.model.model import ModelConfig, build_model
 from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, hash_file
+from lmforge.tokenizer.io import TOKENIZER_FILE, load_tokenizer, tokenizer_dir_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -223,21 +226,6 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         raise
 
 
-def find_tokenizer_dir(model_dir: Path) -> Path:
-    """The tokenizer recorded in the nearest manifest: the model dir itself (train or import run)
-    or up to two levels above it (a checkpoint ``RUN/checkpoints/step-N``)."""
-    for d in (model_dir, model_dir.parent, model_dir.parent.parent):
-        if (d / MANIFEST).exists():
-            try:
-                tok = json.loads((d / MANIFEST).read_text()).get("inputs", {}).get("tokenizer", {}).get("path")
-            except (ValueError, AttributeError):
-                raise LmforgeError(f"{d / MANIFEST}: not a valid manifest") from None
-            if tok:
-                return Path(tok)
-            break
-    raise LmforgeError(f"{model_dir}: no manifest records the tokenizer this model was trained with; pass --tokenizer DIR")
-
-
 def _token_name(v) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 
@@ -245,15 +233,8 @@ def _token_name(v) -> str | None:
 def tokenizer_special_ids(tok_dir: Path, vocab_size: int) -> dict:
     """bos/eos/pad ids, as tokenizer_config.json names them (else lmforge's names), after checking that
     every token id fits the model's embedding."""
-    from tokenizers import Tokenizer
-
-    path = tok_dir / "tokenizer.json"
-    if not path.exists():
-        raise LmforgeError(f"{path}: not found; pass --tokenizer DIR (a directory made by `lmforge tokenizer`)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise LmforgeError(f"{path}: not a valid tokenizer file ({e})") from None
+    path = tok_dir / TOKENIZER_FILE
+    tok = load_tokenizer(tok_dir)
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise LmforgeError(f"{path}: has {n} tokens but the model's vocab_size is {vocab_size}; "
@@ -297,11 +278,9 @@ def export_hf(model_dir, out_dir, dtype: str = "float32", tokenizer_dir=None) ->
         raise LmforgeError(f"--dtype {dtype}: unknown; use one of {', '.join(DTYPES)}")
     _check_replaceable(out_dir, "export")
     model = load_model(model_dir)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(model_dir)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else tokenizer_dir_for(model_dir)
     special = tokenizer_special_ids(tok_dir, model.cfg.vocab_size)
     with _staging(out_dir) as tmp:
-        from safetensors.torch import save_file
-
         save_file(to_hf_state_dict(model, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config(model.cfg, special, dtype))
         # Same sampling defaults as `lmforge sample`.
@@ -339,9 +318,6 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
 
 
 def _load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:

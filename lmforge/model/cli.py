@@ -5,6 +5,9 @@ from typing import List, Optional
 
 import typer
 
+from lmforge.model.generate import SampleConfig
+from lmforge.model.sampling import sample_texts
+
 
 def sample_cmd(
     run: Path = typer.Argument(..., help="A train run directory or any lmforge model directory."),
@@ -20,9 +23,6 @@ def sample_cmd(
 
     Example: lmforge sample runs/train -p "def fibonacci(n):" -p "import os" -n 64
     """
-    from lmforge.model.sampling import sample_texts
-    from lmforge.model.generate import SampleConfig
-
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     texts = sample_texts(run, prompt or [""], cfg, tokenizer_dir=tokenizer)
     for p, t in zip(prompt or [""], texts):

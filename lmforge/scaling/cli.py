@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lmforge.scaling.experiment import ExperimentConfig
+from lmforge.config import flag_tree, resolve_config
+from lmforge.data.shards import open_tokens
+from lmforge.errors import LmforgeError
+from lmforge.model.model import flops_per_token, param_counts
+from lmforge.progress import console
+from lmforge.scaling.experiment import ExperimentConfig, run_experiment
+from lmforge.scaling.fit import Point, backtest
+from lmforge.scaling.forecast import check_forecast, fit_runs, fmt_params, forecast, load_fit, plan_compute, plot_fit
+from lmforge.scaling.ladder import LadderConfig, create_ladder, run_ladder
+from lmforge.train.config import load_train_config
 
 ladder_app = typer.Typer(help="Plan and run a ladder of small training runs for a scaling-law fit.", no_args_is_help=True)
 
@@ -23,16 +30,9 @@ def si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _console() -> Console:
-    # Wide enough for the tables when output goes to a file or a pipe (rich assumes 80 columns there).
-    import sys
-
-    return Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def _parse_list(text: str, cast, flag: str) -> list:
-    from lmforge.errors import LmforgeError
-
+def _parse_list(text: str | None, cast, flag: str) -> list | None:
+    if text is None:
+        return None
     try:
         return [cast(float(x)) if cast is int and float(x).is_integer() else cast(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -43,30 +43,27 @@ def _parse_list(text: str, cast, flag: str) -> list:
 def ladder_plan_cmd(
     data: Path = typer.Option(Path("runs/default/data"), "--data", help="Tokenized data run directory."),
     out: Path = typer.Option(Path("runs/ladder"), "--out", "-o", help="Ladder directory to create."),
-    depths: str = typer.Option("2,3,4,5", "--depths", help="Comma-separated depth dial values (2 and up: see docs/scaling.md)."),
-    multipliers: str = typer.Option("1,2,5,10", "--multipliers", help="Token budgets as multiples of 20 tokens/param."),
-    tokens: str = typer.Option("", "--tokens", help="Fixed token budgets for every depth instead, e.g. 1e6,2e6,4e6."),
-    context: int = typer.Option(256, "--context"),
-    hardware: str = typer.Option("cpu", "--hardware", help="Catalog name used to price the rungs."),
+    depths: Optional[str] = typer.Option(None, "--depths", help="Comma-separated depth dial values (default 2,3,4,5; 2 and up: see docs/scaling.md)."),
+    multipliers: Optional[str] = typer.Option(None, "--multipliers", help="Token budgets as multiples of 20 tokens/param (default 1,2,5,10)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Fixed token budgets for every depth instead, e.g. 1e6,2e6,4e6."),
+    context: Optional[int] = typer.Option(None, "--context", help="Sequence length (default 256)."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Catalog name used to price the rungs (default cpu)."),
     budget: Optional[float] = typer.Option(None, "--budget-flops", help="Drop the largest rungs beyond this total."),
     target: Optional[float] = typer.Option(None, "--target-flops", help="Compute of the run the ladder will forecast: "
                                            "keep each rung under 1/10 of it and the ladder under 1/3."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML with a [ladder] table of LadderConfig keys."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose [ladder] table sets any ladder key."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set ladder.lr_ref=2e-3"),
 ):
     """Propose a grid of rungs and show each rung's cost before anything runs.
 
     Examples: lmforge ladder plan --data runs/default/data --depths 2,3,4,5 -o runs/ladder
               lmforge ladder plan --data runs/big/data --depths 2,3 --tokens 1e6,2e6,4e6,8e6 --target-flops 7.5e14
-    """
-    from lmforge.config import from_dict, load_toml
-    from lmforge.scaling.ladder import LadderConfig, create_ladder
 
-    raw = load_toml(config).get("ladder", {}) if config else {}
-    raw.update({"depths": _parse_list(depths, int, "--depths"), "multipliers": _parse_list(multipliers, float, "--multipliers"),
-                "context": context, "hardware": hardware})
-    if tokens:
-        raw["tokens"] = _parse_list(tokens, float, "--tokens")
-    cfg = from_dict(LadderConfig, raw, str(config or "ladder flags"))
+    Precedence: defaults < --config file < --set < flags.
+    """
+    flags = flag_tree(depths=_parse_list(depths, int, "--depths"), multipliers=_parse_list(multipliers, float, "--multipliers"),
+                      tokens=_parse_list(tokens, float, "--tokens"), context=context, hardware=hardware)
+    cfg = resolve_config(LadderConfig, "ladder", config, set_, flags)
     plan = create_ladder(out, cfg, str(data), budget, target)
     t = Table(title=f"ladder {out}: {len(plan['rungs'])} rungs")
     for col in ("rung", "N (non-emb)", "D tokens", "tokens/param", "steps", "batch", "lr", "FLOPs", "est. time", "est. $"):
@@ -74,9 +71,8 @@ def ladder_plan_cmd(
     for r in plan["rungs"]:
         t.add_row(r["name"], si(r["N"]), si(r["D"]), f"{r['tokens_per_param']:.3g}", str(r["steps"]), str(r["batch_size"]),
                   f"{r['lr']:.2g}", si(r["flops"]), f"{r['est_seconds'] / 60:.1f} min", f"{r['est_cost']['usd']:.4f}")
-    c = _console()
+    c = console()
     c.print(t)
-    tokens = sum(r["D"] for r in plan["rungs"])
     c.print(f"total {plan['total_flops']:.3g} FLOPs; largest rung sees {max(r['D'] for r in plan['rungs']) / plan['train_tokens_available']:.2f} epochs "
             f"of the {plan['train_tokens_available']:,} train tokens. Next: lmforge ladder run {out}")
 
@@ -87,26 +83,21 @@ def ladder_run_cmd(ladder: Path = typer.Argument(Path("runs/ladder")), quiet: bo
 
     Example: lmforge ladder run runs/ladder
     """
-    from lmforge.scaling.ladder import run_ladder
-
     dirs = run_ladder(ladder, progress=not quiet)
     print(f"{len(dirs)} rungs finished in {ladder}/rungs. Next: lmforge fit {ladder}")
-
-
-_EXPERIMENT = ExperimentConfig()  # the recorded experiment's settings are the flags' defaults
 
 
 @ladder_app.command("experiment")
 def ladder_experiment_cmd(
     out: Path = typer.Option(Path("runs/scaling"), "--out", "-o", help="Experiment directory; re-running resumes it."),
-    target_flops: float = typer.Option(_EXPERIMENT.target_flops, "--target-flops",
-                                       help="Compute of the target run being forecast."),
-    depths: str = typer.Option(",".join(map(str, _EXPERIMENT.depths)), "--depths", help="Ladder depths."),
-    tokens: str = typer.Option(",".join(f"{t:g}" for t in _EXPERIMENT.tokens), "--tokens",
-                               help="Ladder token budgets (every depth)."),
-    source: Optional[List[str]] = typer.Option(None, "--source", "-s",
-                                               help=f"Corpus (default: {','.join(_EXPERIMENT.sources)})."),
-    vocab_size: int = typer.Option(_EXPERIMENT.vocab_size, "--vocab-size"),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops",
+                                                 help=f"Compute of the target run being forecast (default {ExperimentConfig.target_flops:g})."),
+    depths: Optional[str] = typer.Option(None, "--depths", help="Ladder depths (default 2,3)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Ladder token budgets, every depth (default 1e6,2e6,3e6,4e6,6e6,8e6)."),
+    source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: default:stdlib+site)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Tokenizer vocabulary (default 4096)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose [experiment] table sets any key."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set experiment.n_boot=100"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The recorded scaling experiment, end to end: data, ladder, fit, forecast, target run, check.
@@ -114,12 +105,12 @@ def ladder_experiment_cmd(
     The ladder is sized from the target: each rung at most 1/10 of its compute, all rungs at
     most 1/3. The forecast is written to OUT/forecast.json before the target starts. With the
     defaults this takes about 2 hours on 2 CPU cores. Example: lmforge ladder experiment -o runs/scaling
-    """
-    from lmforge.scaling.experiment import run_experiment
 
-    cfg = ExperimentConfig(sources=source or list(_EXPERIMENT.sources), vocab_size=vocab_size,
-                           depths=_parse_list(depths, int, "--depths"), tokens=_parse_list(tokens, float, "--tokens"),
-                           target_flops=target_flops)
+    Precedence: defaults < --config file < --set < flags.
+    """
+    flags = flag_tree(sources=source or None, vocab_size=vocab_size, depths=_parse_list(depths, int, "--depths"),
+                      tokens=_parse_list(tokens, float, "--tokens"), target_flops=target_flops)
+    cfg = resolve_config(ExperimentConfig, "experiment", config, set_, flags)
     r = run_experiment(out, cfg, progress=not quiet)
     print(Path(out) / "report.md")
     print(Path(r["plot"]))
@@ -135,16 +126,13 @@ def fit_cmd(
 
     Example: lmforge fit runs/ladder
     """
-    from lmforge.errors import LmforgeError
-    from lmforge.scaling.forecast import fit_runs, fmt_params, load_fit, plot_fit
-
     if form not in ("ND", "C"):
         raise LmforgeError(f"--form {form}: use ND or C")
     out = out or runs[0]
     fit_runs(runs, out, form=form, n_boot=n_boot)
     nd, c, d = load_fit(out)
     png = plot_fit(out, Path(out) / "fit.png")
-    con = _console()
+    con = console()
     if nd:
         con.print(f"[bold]L(N, D) = E + A/N^alpha + B/D^beta[/]  ({nd.n_points} runs, log-residual RMS {nd.rmse_log:.4f})")
         for line in fmt_params(nd):
@@ -152,8 +140,6 @@ def fit_cmd(
         for w in nd.warnings:
             con.print(f"[yellow]warning:[/] {w}")
         if nd.n_points >= 6:
-            from lmforge.scaling.fit import Point, backtest
-
             for b in backtest([Point(**q) for q in d["points"]]):
                 con.print(f"backtest: without {b['name']} the law predicts {b['predicted']:.4f} for it "
                           f"(actual {b['actual']:.4f}, error {b['error_pct']:+.2f}%)")
@@ -177,9 +163,6 @@ def forecast_cmd(
     Examples: lmforge forecast --fit runs/ladder --params 2e7 --tokens 4e8
               lmforge forecast --check runs/target
     """
-    from lmforge.errors import LmforgeError
-    from lmforge.scaling.forecast import check_forecast, forecast
-
     flops = None
     if check:
         r = check_forecast(check)
@@ -188,14 +171,8 @@ def forecast_cmd(
               f"95% [{r['interval_95'][0]:.4f}, {r['interval_95'][1]:.4f}] {'inside' if r['in_95'] else 'OUTSIDE'}")
         return
     if config:
-        from lmforge.config import load_toml
-        from lmforge.model.model import flops_per_token, param_counts
-        from lmforge.train.loop import config_from_sources
-
-        tc = config_from_sources(load_toml(config), {}, str(config))
+        tc = load_train_config(config)
         if not tc.model.vocab_size:
-            from lmforge.train.loop import open_tokens
-
             tc.model.vocab_size = open_tokens(tc.data)[1].vocab_size
         params = param_counts(tc.model)["non_embedding"]
         tokens = tc.max_steps * tc.batch_size * tc.grad_accum * tc.model.context
@@ -227,8 +204,6 @@ def plan_cmd(
     Examples: lmforge plan --fit runs/ladder --dollars 5000 --hardware H100
               lmforge plan --fit chinchilla-replication --gpus 25000 --days 100 --hardware A100 --mfu 0.32
     """
-    from lmforge.scaling.forecast import plan_compute
-
     r = plan_compute(fit, flops, dollars, device_hours, hardware, mfu, gpus, days, catalog=catalog)
     print(f"compute      {r['flops']:.4g} FLOPs on {r['hardware']} at MFU {r['mfu']:.0%}")
     print(f"device-hours {r['device_hours']:.4g}" + (f"  = {r['wall_days']:.1f} days on {r['gpus']} devices" if "wall_days" in r else ""))
@@ -244,48 +219,3 @@ def plan_cmd(
               f"{d['flops_per_token']:.3g} FLOPs/token at vocab {d['vocab_size']}, context {d['context']})")
         print(f"             loss {d['loss']:.4f}  80% [{d['interval_80'][0]:.4f}, {d['interval_80'][1]:.4f}]  "
               f"95% [{d['interval_95'][0]:.4f}, {d['interval_95'][1]:.4f}]")
-
-
-def cost_cmd(
-    runs: Optional[List[Path]] = typer.Argument(None, help="Train runs, pipeline runs or ladders."),
-    inference: bool = typer.Option(False, "--inference", help="Price inference instead: $ per million tokens."),
-    tokens_per_s: Optional[float] = typer.Option(None, "--tokens-per-s", help="Measured generation throughput."),
-    hardware: str = typer.Option("cpu", "--hardware", help="With --inference: a hardware catalog name."),
-    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A TOML hardware catalog that adds or overrides entries."),
-    as_json: bool = typer.Option(False, "--json"),
-):
-    """A ledger of FLOPs, device-hours, kWh, dollars and CO2 across runs and ladders.
-
-    Examples: lmforge cost runs/ladder runs/target
-              lmforge cost --inference --tokens-per-s 2400 --hardware H100
-    """
-    from lmforge.cost.ledger import inference_cost, ledger
-    from lmforge.errors import LmforgeError
-
-    if inference:
-        if tokens_per_s is None:
-            raise LmforgeError("--inference needs --tokens-per-s (measured throughput)")
-        r = inference_cost(tokens_per_s, hardware, catalog=catalog)
-        print(f"{r['hardware']}: ${r['usd_per_million_tokens']:.4f} per million tokens, "
-              f"{r['kwh_per_million_tokens']:.4f} kWh per million tokens at {tokens_per_s:g} tokens/s")
-        return
-    if not runs:
-        raise LmforgeError("name at least one run or ladder directory")
-    L = ledger(runs)
-    if as_json:
-        print(json.dumps(L, indent=2))
-        return
-    t = Table(title="cost ledger")
-    for col in ("run", "status", "FLOPs", "wall", "MFU", "device-h", "kWh", "$", "CO2 kg", "val loss"):
-        t.add_column(col, justify="right")
-    for r in L["runs"]:
-        t.add_row(r["run"], str(r["status"]), f"{r['flops']:.3g}", f"{r['wall_s']:.0f}s", f"{(r['mfu'] or 0):.1%}",
-                  f"{r['device_hours']:.4g}", f"{r['kwh']:.4g}", f"{r['usd']:.4f}", f"{r['co2_kg']:.4g}",
-                  f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-")
-    tot = L["total"]
-    t.add_row("[bold]total", "", f"{tot['flops']:.3g}", f"{tot['wall_s']:.0f}s", "", f"{tot['device_hours']:.4g}",
-              f"{tot['kwh']:.4g}", f"{tot['usd']:.4f}", f"{tot['co2_kg']:.4g}", "")
-    c = _console()
-    c.print(t)
-    for g, v in L["groups"].items():
-        c.print(f"{g}: {v['share_of_flops']:.1%} of FLOPs, {v['share_of_usd']:.1%} of spend")

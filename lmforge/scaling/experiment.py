@@ -17,8 +17,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lmforge.cost.catalog import check_hardware
+from lmforge.cost.ledger import ledger
+from lmforge.data.shards import INDEX
 from lmforge.errors import LmforgeError
-from lmforge.rundir import atomic_write_json, atomic_write_text
+from lmforge.model.model import ModelConfig, flops_per_token, param_counts
+from lmforge.rundir import atomic_write_json, atomic_write_text, is_complete, read_manifest
+from lmforge.scaling.fit import Point, backtest
+from lmforge.scaling.forecast import best_depth, check_forecast, fit_runs, forecast, load_fit, plot_fit, train_with_forecast
+from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_hparams, rung_train_config, rung_warmup
+from lmforge.tokenizer.encode import build_token_data
 
 FORECAST_FILE = "forecast.json"
 
@@ -38,36 +46,21 @@ class ExperimentConfig:
 
     def __post_init__(self):
         if self.target_flops <= 0:
-            raise LmforgeError(f"target_flops = {self.target_flops}: must be positive")
-
-
-def _complete(run_dir: Path) -> bool:
-    m = run_dir / "manifest.json"
-    return m.exists() and json.loads(m.read_text()).get("status") == "complete"
+            raise LmforgeError(f"experiment.target_flops = {self.target_flops}: must be positive")
+        self.hardware = check_hardware(self.hardware, what="experiment.hardware")
 
 
 def _prepare_data(cfg: ExperimentConfig, out: Path, say) -> Path:
-    from lmforge.data.prepare import prepare_data
-    from lmforge.data.shards import tokenize_data
-    from lmforge.tokenizer.train import train_tokenizer
-
     data, tok = out / "data", out / "tokenizer"
-    if (data / "tokens" / "index.json").exists() and _complete(data):
+    if (data / "tokens" / INDEX).exists() and is_complete(data):
         say(f"data: up to date in {data}")
         return data
-    say(f"data: cleaning {', '.join(cfg.sources)} -> {data}")
-    prepare_data(cfg.sources, data)
-    train_tokenizer(data, tok, vocab_size=cfg.vocab_size)
-    tokenize_data(data, tok)
+    build_token_data(cfg.sources, data, tok, vocab_size=cfg.vocab_size, say=say)
     return data
 
 
 def target_plan(fit_dir: Path, ladder: dict, cfg: ExperimentConfig) -> dict:
     """The target run: the depth the fit prefers for ``target_flops``, trained with the ladder's size rules."""
-    from lmforge.scaling.forecast import best_depth, load_fit
-    from lmforge.scaling.ladder import LadderConfig, rung_hparams, rung_warmup
-    from lmforge.model.model import ModelConfig, flops_per_token, param_counts
-
     nd, _, d = load_fit(fit_dir)
     family = d["model"]
     # The target must not repeat data, or its loss measures memorisation the law never saw.
@@ -86,12 +79,6 @@ def target_plan(fit_dir: Path, ladder: dict, cfg: ExperimentConfig) -> dict:
 
 def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) the experiment in ``out``; return the report dict (also written to report.json)."""
-    from lmforge.cost.ledger import ledger
-    from lmforge.scaling.fit import Point, backtest
-    from lmforge.scaling.forecast import check_forecast, fit_runs, forecast, load_fit, plot_fit
-    from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_train_config
-    from lmforge.train.loop import train
-
     cfg = cfg or ExperimentConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,11 +123,10 @@ def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = Tr
 
     target_dir = out / "target"
     tcfg = rung_train_config(target, LadderConfig(**ladder["config"]), str(data), target_dir)
-    tcfg.forecast_fit = str(fit_dir / "fit.json")
     tcfg.eval_every = max(1, target["steps"] // 10)
-    if not _complete(target_dir):
+    if not is_complete(target_dir):
         say(f"target: depth {target['depth']}, {target['steps']} steps -> {target_dir}")
-        train(tcfg, resume="auto", progress=progress)
+        train_with_forecast(tcfg, fit_dir / "fit.json", resume="auto", progress=progress)
     check = check_forecast(target_dir)
     png = plot_fit(fit_dir, out / "scaling.png", forecast_point=fc, actual=check["actual"])
 
@@ -148,14 +134,14 @@ def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = Tr
     ledg = ledger([ladder_dir, target_dir])
     rungs = []
     for r in ladder["rungs"]:
-        m = json.loads((ladder_dir / "rungs" / r["name"] / "manifest.json").read_text())["metrics"]
+        m = read_manifest(ladder_dir / "rungs" / r["name"])["metrics"]
         rungs.append({"name": r["name"], "N": r["N"], "D": m["tokens"], "tokens_per_param": m["tokens"] / r["N"],
                       "flops": m["model_flops"], "epochs": m["epochs"], "val_loss": m["final_val_loss"],
                       "train_time_s": m["train_time_s"], "batch_size": r["batch_size"], "lr": r["lr"],
                       "fitted": nd.predict(r["N"], m["tokens"])})
-    tm = json.loads((target_dir / "manifest.json").read_text())["metrics"]
+    tm = read_manifest(target_dir)["metrics"]
     report = {
-        "config": asdict(cfg), "corpus_hash": json.loads((data / "manifest.json").read_text())["metrics"].get("corpus_hash"),
+        "config": asdict(cfg), "corpus_hash": read_manifest(data)["metrics"].get("corpus_hash"),
         "train_tokens_available": ladder["train_tokens_available"], "rungs": rungs,
         "backtest": backtest([Point(**q) for q in fitd["points"]]),
         "fit": {"params": nd.params, "stderr": nd.stderr, "rmse_log": nd.rmse_log, "warnings": nd.warnings,

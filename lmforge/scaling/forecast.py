@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
+from lmforge.cost.catalog import get_hardware, run_cost
+from lmforge.data.shards import open_tokens
 from lmforge.errors import LmforgeError
-from lmforge.rundir import atomic_write_json
+from lmforge.model.model import ModelConfig, flops_per_token, param_counts
+from lmforge.rundir import MANIFEST, atomic_write_json, ladder_rungs, update_manifest
 from lmforge.scaling.fit import REFERENCE_FITS, Point, ScalingFit, compute_optimal, fit_c, fit_nd, reference_fit
-from lmforge.scaling.ladder import LADDER_FILE
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train
 
 FIT_FILE = "fit.json"
 
@@ -18,13 +25,13 @@ def expand_runs(paths) -> list[Path]:
     """Run directories named directly, or every rung of a ladder directory."""
     out = []
     for p in map(Path, paths):
-        if (p / LADDER_FILE).exists():
-            plan = json.loads((p / LADDER_FILE).read_text())
-            out += [p / "rungs" / r["name"] for r in plan["rungs"]]
-        elif (p / "manifest.json").exists():
+        rungs = ladder_rungs(p)
+        if rungs is not None:
+            out += rungs
+        elif (p / MANIFEST).exists():
             out.append(p)
         else:
-            raise LmforgeError(f"{p}: neither a ladder directory nor a run directory (no manifest.json)")
+            raise LmforgeError(f"{p}: neither a ladder directory nor a run directory (no {MANIFEST})")
     return out
 
 
@@ -33,7 +40,7 @@ def collect_points(paths) -> tuple[list[Point], dict]:
     runs = expand_runs(paths)
     unfinished, points, keys = [], [], {}
     for r in runs:
-        m = r / "manifest.json"
+        m = r / MANIFEST
         man = json.loads(m.read_text()) if m.exists() else {}
         if man.get("status") != "complete" or man.get("stage") != "train":
             unfinished.append(f"{r} ({man.get('status', 'not started')})")
@@ -114,8 +121,6 @@ def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, m
     """Every depth on the dial that can spend ``flops`` on at least one token per parameter (and, with
     ``max_tokens``, on no more tokens than the data holds: no repeated data), with its N, D (from the
     real FLOPs per token, embeddings and attention included) and predicted loss."""
-    from lmforge.model.model import ModelConfig, flops_per_token, param_counts
-
     out = []
     for depth in range(1, max_depth + 1):
         cfg = ModelConfig(depth=depth, vocab_size=vocab_size, context=context)
@@ -137,8 +142,6 @@ def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_
         raise LmforgeError(f"every depth that can use {flops:.3g} FLOPs would need more than the {max_tokens:.3g} "
                            "train tokens the data holds; add data or lower the budget")
     if not opts:
-        from lmforge.model.model import ModelConfig, flops_per_token, param_counts
-
         cfg = ModelConfig(depth=1, vocab_size=vocab_size, context=context)
         need = flops_per_token(cfg) * param_counts(cfg)["non_embedding"]
         raise LmforgeError(f"a budget of {flops:.3g} FLOPs is too small for even the smallest model: depth 1 needs "
@@ -146,11 +149,40 @@ def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_
     return min(opts, key=lambda o: o["loss"])
 
 
+def forecast_for_config(fit_path, cfg: TrainConfig) -> dict:
+    """The forecast for a training config's run: N from its model, D and C from its steps and batch
+    (over the ranks torchrun starts), the vocabulary from its data when the config leaves it at 0."""
+    model = cfg.model
+    if not model.vocab_size:
+        model = dataclasses.replace(model, vocab_size=open_tokens(cfg.data)[1].vocab_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    D = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * model.context
+    return forecast(fit_path, param_counts(model)["non_embedding"], D, flops_per_token(model) * D)
+
+
+def train_with_forecast(cfg: TrainConfig, fit_path, resume="never", progress: bool = True) -> dict:
+    """Record the fit's forecast in the run's manifest before the first step, train, then check it."""
+    fc = forecast_for_config(fit_path, cfg)
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        print(f"forecast: final val loss {fc['loss']:.4f} (80% {fc['interval_80'][0]:.4f}-{fc['interval_80'][1]:.4f}, "
+              f"95% {fc['interval_95'][0]:.4f}-{fc['interval_95'][1]:.4f})", flush=True)
+        for w in fc["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+    man = train(cfg, resume=resume, progress=progress, record={"forecast": {**fc, "fit": str(Path(fit_path).resolve())}})
+    if not man:  # ranks other than 0
+        return man
+    chk = check_forecast(cfg.out)
+    print(f"forecast {chk['forecast']:.4f} vs actual {chk['actual']:.4f}: error {chk['error_pct']:+.2f}%, "
+          f"{'inside' if chk['in_80'] else 'outside'} the 80% interval", flush=True)
+    return update_manifest(cfg.out, forecast_check=chk)
+
+
 def check_forecast(run_dir) -> dict:
-    man = json.loads((Path(run_dir) / "manifest.json").read_text())
+    man = json.loads((Path(run_dir) / MANIFEST).read_text())
     fc = man.get("forecast")
     if not fc:
-        raise LmforgeError(f"{run_dir}: the run has no forecast; train with --set forecast_fit=FIT to record one")
+        raise LmforgeError(f"{run_dir}: the run has no forecast; train with --forecast FIT to record one")
     actual = man.get("metrics", {}).get("final_val_loss")
     if actual is None or man.get("status") != "complete":
         raise LmforgeError(f"{run_dir}: the run has not finished, so there is nothing to check yet")
@@ -167,8 +199,6 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
     """Compute-optimal N and D for a budget, with wall-clock, dollars and kWh on named hardware.
 
     Exactly one budget form: FLOPs, dollars, device-hours, or (gpus, days) for the reverse question."""
-    from lmforge.cost.catalog import get_hardware, run_cost
-
     hw = get_hardware(hardware, catalog)
     flops_per_device_hour = hw.peak_bf16 * mfu * 3600
     given = [x is not None for x in (flops, dollars, device_hours)] + [gpus is not None or days is not None]

@@ -30,11 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lmforge.cost.catalog import check_hardware, get_hardware, run_cost
+from lmforge.data.shards import open_tokens
 from lmforge.errors import LmforgeError
 from lmforge.model.model import ModelConfig, flops_per_token, param_counts
-from lmforge.rundir import Manifest, atomic_write_json
-
-LADDER_FILE = "ladder.json"
+from lmforge.rundir import LADDER_FILE, Manifest, atomic_write_json, is_complete
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train
 
 
 @dataclass
@@ -69,6 +71,7 @@ class LadderConfig:
             raise LmforgeError("ladder.tokens must be positive token budgets")
         if self.eval_windows < 1:
             raise LmforgeError("ladder.eval_windows must be at least 1")
+        self.hardware = check_hardware(self.hardware, what="ladder.hardware")
 
 
 def rung_hparams(model: ModelConfig, cfg: LadderConfig) -> dict:
@@ -89,8 +92,6 @@ def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops:
 
     ``max_rung_flops`` drops rungs bigger than that; ``budget_flops`` then keeps the cheapest
     rungs whose total fits."""
-    from lmforge.cost.catalog import get_hardware, run_cost
-
     hw = get_hardware(cfg.hardware)
     peak = hw.peak("fp32" if cfg.precision == "fp32" else "bf16")
     rungs = []
@@ -142,9 +143,7 @@ def target_limits(target_flops: float) -> dict:
     return {"max_rung_flops": target_flops / 10, "budget_flops": target_flops / 3}
 
 
-def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Path):
-    from lmforge.train.loop import TrainConfig
-
+def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Path) -> TrainConfig:
     return TrainConfig(
         data=str(data_dir), out=str(out_dir),
         model=ModelConfig(depth=rung["depth"], vocab_size=cfg.vocab_size, context=cfg.context),
@@ -157,8 +156,6 @@ def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Pat
 
 def create_ladder(ladder_dir, cfg: LadderConfig, data_dir: str, budget_flops: float | None = None,
                   target_flops: float | None = None) -> dict:
-    from lmforge.train.loop import open_tokens
-
     _, td = open_tokens(data_dir)
     limits = target_limits(target_flops) if target_flops else {"max_rung_flops": None, "budget_flops": None}
     if budget_flops is not None:
@@ -180,15 +177,8 @@ def load_ladder(ladder_dir) -> dict:
     return json.loads(p.read_text())
 
 
-def rung_done(run_dir: Path) -> bool:
-    m = run_dir / "manifest.json"
-    return m.exists() and json.loads(m.read_text()).get("status") == "complete"
-
-
 def run_ladder(ladder_dir, progress: bool = True) -> list[Path]:
     """Train every rung not yet finished; return the rung run directories."""
-    from lmforge.train.loop import train
-
     ladder_dir = Path(ladder_dir)
     plan = load_ladder(ladder_dir)
     cfg = LadderConfig(**plan["config"])
@@ -199,7 +189,7 @@ def run_ladder(ladder_dir, progress: bool = True) -> list[Path]:
     for i, rung in enumerate(plan["rungs"]):
         out = ladder_dir / "rungs" / rung["name"]
         dirs.append(out)
-        if rung_done(out):
+        if is_complete(out, "train"):
             done_flops += rung["flops"]
             continue
         if progress:

@@ -1,22 +1,22 @@
 """``lmforge tokenizer``: train a byte-level BPE on a data run's cleaned train split.
 
-The special tokens come first, with fixed ids, so that every lmforge tokenizer agrees on
-them: document boundaries (bos, eos), padding, and the chat roles post-training uses.
 The output directory holds ``tokenizer.json`` plus the config files that let
-``transformers.AutoTokenizer.from_pretrained(DIR)`` load it with bos/eos/pad set.
+``transformers.AutoTokenizer.from_pretrained(DIR)`` load it with bos/eos/pad set and the
+chat template. The special tokens and their fixed ids are in :mod:`lmforge.tokenizer.io`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.cleaned import iter_clean
 from lmforge.errors import LmforgeError
-from lmforge.rundir import Manifest, read_manifest
+from lmforge.rundir import MANIFEST, Manifest, read_manifest
+from lmforge.tokenizer.io import SPECIAL_TOKENS, special_ids
 
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-SPECIAL_NAMES = ["bos", "eos", "pad", "system", "user", "assistant", "end"]
 BYTE_ALPHABET = 256
 # ~40 MB of text trains a vocabulary of a few thousand merges to within a hair of what the
 # whole corpus gives, in well under a minute on two cores; more mostly costs time.
@@ -28,36 +28,32 @@ CHAT_TEMPLATE = (
 )
 
 
+@dataclass
+class TokenizerConfig:
+    """Settings of the tokenizer stage: a TOML ``[tokenizer]`` table and ``--set tokenizer.KEY=VALUE``."""
+
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    max_train_mb: float = DEFAULT_MAX_TRAIN_BYTES / 1e6  # 0: the whole train split
+
+    def __post_init__(self):
+        if self.vocab_size < min_vocab_size():
+            raise LmforgeError(f"--vocab-size {self.vocab_size} is too small (tokenizer.vocab_size): the {len(SPECIAL_TOKENS)} "
+                               f"special tokens and {BYTE_ALPHABET} byte tokens need at least {min_vocab_size()}")
+        if self.min_frequency < 1:
+            raise LmforgeError(f"--min-frequency {self.min_frequency} (tokenizer.min_frequency): must be at least 1")
+        if self.max_train_mb < 0:
+            raise LmforgeError(f"--max-train-mb {self.max_train_mb} (tokenizer.max_train_mb): must be >= 0 "
+                               "(0 means all of the train split)")
+
+
 def min_vocab_size() -> int:
     """Special tokens, the 256 byte tokens, and at least one merge."""
     return len(SPECIAL_TOKENS) + BYTE_ALPHABET + 1
 
 
-def load_tokenizer(tokenizer_dir):
-    """The ``tokenizers.Tokenizer`` saved in a tokenizer directory."""
-    from tokenizers import Tokenizer
-
-    p = Path(tokenizer_dir) / "tokenizer.json"
-    if not p.exists():
-        raise LmforgeError(f"{p}: not found; train one with `lmforge tokenizer DATA -o {tokenizer_dir}`")
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception as e:  # the Rust side raises a bare Exception for any parse error
-        raise LmforgeError(f"{p}: not a valid tokenizer file ({str(e).splitlines()[0][:200]})") from None
-
-
-def special_ids(tok) -> dict:
-    """``{"bos": 0, "eos": 1, "pad": 2, "system": 3, ...}``; None for a token the tokenizer lacks (eos is required)."""
-    out = {name: tok.token_to_id(token) for name, token in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
-    if out["eos"] is None:
-        raise LmforgeError("the tokenizer has no <|eos|> token; train it with `lmforge tokenizer`")
-    return out
-
-
 def _train_texts(data_dir, max_bytes: int | None):
     """The train split's documents, stopping once ``max_bytes`` of UTF-8 have been handed out."""
-    from lmforge.data.prepare import iter_clean
-
     seen = 0
     for text in iter_clean(data_dir, "train"):
         yield text
@@ -79,8 +75,8 @@ def train_tokenizer(data_dir, out_dir, vocab_size: int = 8192, min_frequency: in
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     data_man = read_manifest(data_dir, expect_stage="data")
     if data_man.get("status") != "complete":
-        raise LmforgeError(f"{data_dir}/manifest.json: status '{data_man.get('status')}'; rerun `lmforge data` first")
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # a crash while saving must not look complete
+        raise LmforgeError(f"{data_dir / MANIFEST}: status '{data_man.get('status')}'; rerun `lmforge data` first")
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # a crash while saving must not look complete
     t0 = time.time()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -117,8 +113,6 @@ def _save(tok, out_dir: Path) -> None:
 
 def bytes_per_token(tok, data_dir, max_bytes: int = VAL_SAMPLE_BYTES) -> float | None:
     """Compression on (the first ``max_bytes`` of) the val split: UTF-8 bytes per token, higher is better."""
-    from lmforge.data.prepare import iter_clean
-
     n_bytes = 0
     batch: list[str] = []
     for text in iter_clean(data_dir, "val"):

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.io import load_weights, save_model
+from lmforge.model.io import load_model, load_weights, save_model
 from lmforge.rundir import atomic_write_json, hash_file
+from lmforge.train import distributed as D
 
 STATE = "state.pt"
 CHECKSUMS = "checksums.json"
@@ -86,10 +90,7 @@ def load_checkpoint(ckpt: Path, model, sharded: bool = False) -> dict:
     keeps its own shards."""
     verify_checkpoint(ckpt)
     if sharded:
-        from lmforge.model.io import load_model
-        from lmforge.train.distributed import set_full_model_state
-
-        set_full_model_state(model, load_model(ckpt).state_dict())
+        D.set_full_model_state(model, load_model(ckpt).state_dict())
     else:
         load_weights(model, ckpt / "model.safetensors")
     try:
@@ -107,3 +108,84 @@ def latest_valid_checkpoint(run_dir, log=print) -> Path | None:
         except LmforgeError as e:
             log(f"warning: skipping checkpoint {ckpt.name}: {e}; falling back to the previous one")
     return None
+
+
+def rng_state() -> dict:
+    # Plain tensors and lists only, so the state file loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(s["python"]) if not isinstance(s["python"], tuple) else s["python"])
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+class Checkpointer:
+    """Saves and restores a run: the model, the optimizer, the RNGs, and every stateful part
+    (anything with ``state_dict``/``load_state_dict``: the guard, the trainer's progress counters).
+
+    All ranks call ``save`` and ``restore`` (under FSDP gathering and scattering are collectives);
+    rank 0 writes. Which checkpoint to use is decided on rank 0 and broadcast, so every rank agrees.
+    """
+
+    def __init__(self, run_dir, keep: int, model, pmodel, optimizer, parts: dict, info: D.DistInfo, fsdp: bool):
+        self.run_dir, self.keep, self.info, self.fsdp = Path(run_dir), keep, info, fsdp
+        self.model, self.pmodel, self.optimizer, self.parts = model, pmodel, optimizer, parts
+
+    def save(self, step: int) -> Path | None:
+        state = {"step": step, "optimizer": None, "rng": rng_state(),
+                 **{name: part.state_dict() for name, part in self.parts.items()}}
+        if self.fsdp:
+            # Before the first step the optimizer has no state; asking DCP for it would initialise it with a
+            # zero-gradient step, which advances Adam's step count and changes the first real update.
+            full = D.gather_full_state(self.pmodel, self.optimizer if self.optimizer.state else None, self.info)
+            if not self.info.is_main:
+                return None
+            state["optimizer"], target = full["optimizer"], full["model"]
+        else:
+            if not self.info.is_main:
+                return None
+            state["optimizer"], target = self.optimizer.state_dict(), self.model
+        return save_checkpoint(self.run_dir, step, target, state, keep=self.keep)
+
+    def restore(self, ckpt: Path, parts: tuple[str, ...] | None = None) -> dict:
+        """Load ``ckpt`` into the model, optimizer and RNGs, and into the named stateful parts (all by
+        default); returns the saved state, so a caller can take back a part its own way."""
+        state = load_checkpoint(ckpt, self.model, sharded=self.fsdp and self.info.enabled)
+        D.load_optimizer_state(self.pmodel, self.optimizer, state["optimizer"], self.fsdp)
+        set_rng_state(state["rng"])
+        for name in self.parts if parts is None else parts:
+            self.parts[name].load_state_dict(state.get(name, {}))
+        return state
+
+    def newest_valid_before(self, step: int) -> Path | None:
+        """The newest verified checkpoint taken at or before ``step`` (a rollback target), or None."""
+        target = None
+        if self.info.is_main:
+            for c in reversed([c for c in list_checkpoints(self.run_dir) if step_of(c) <= step]):
+                try:
+                    verify_checkpoint(c)
+                except LmforgeError:
+                    continue
+                target = c
+                break
+        return _agree(target, self.info)
+
+
+def agree_on_latest(run_dir, info: D.DistInfo, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint that verifies, as rank 0 finds it (corrupt newer ones are reported
+    and skipped), on every rank."""
+    return _agree(latest_valid_checkpoint(run_dir, log=log) if info.is_main else None, info)
+
+
+def _agree(ckpt: Path | None, info: D.DistInfo) -> Path | None:
+    ckpt = D.broadcast_object(str(ckpt) if ckpt else None, info)
+    return Path(ckpt) if ckpt else None

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lmforge.model.model import build_model
+
 
 @dataclass
 class DistInfo:
@@ -72,14 +74,6 @@ def parallelize(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> t
     return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world
-
-
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t)
@@ -105,8 +99,6 @@ def gather_full_state(model, optimizer, info: DistInfo) -> dict:
     osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
     full = None
     if info.is_main:
-        from lmforge.model.model import build_model
-
         full = build_model(model.cfg, "cpu")
         full.load_state_dict(sd)
     return {"model": full, "optimizer": osd}

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json
@@ -161,3 +162,123 @@ def save_quarantine(run_dir, steps: set[int], reason: dict) -> None:
         except json.JSONDecodeError:
             history = []
     atomic_write_json(p, {"steps": sorted(steps), "events": history + [reason]})
+
+
+class Guard:
+    """The guard of one run: its detector, quarantine, event log and recovery decisions.
+
+    The trainer asks it three things: whether a step's batch is quarantined (:meth:`quarantined`), the
+    lr scale in force (:meth:`lr_scale`), and what to do about a step's loss and gradient norm
+    (:meth:`judge`: ``"ok"``, ``"skip"`` or ``"rollback"``). For a rollback it names the checkpoint
+    to go back to and the steps to quarantine (:meth:`plan_rollback`), and after the trainer has
+    restored that checkpoint it takes its own saved state back, keeping the history
+    (:meth:`rewind`). Its state travels in checkpoints via ``state_dict``/``load_state_dict``.
+    """
+
+    def __init__(self, cfg: GuardConfig, run_dir, events: EventLog, is_main: bool, resume: bool,
+                 note: Callable[[str], None] = lambda msg: None):
+        self.cfg, self.run_dir, self.events, self.is_main, self.note = cfg, Path(run_dir), events, is_main, note
+        self.detector = SpikeDetector(cfg)
+        self.quarantine: set[int] = load_quarantine(run_dir) if resume else set()
+        self.skips, self.trouble_start, self.rollbacks, self.cooldown_until = 0, -1, 0, 0
+        self.recovery_time_s = 0.0
+        self.best_val, self.evals_since_best = float("inf"), 0
+
+    # ---------------------------------------------------------------- questions the loop asks
+
+    def quarantined(self, step: int) -> bool:
+        """A quarantined batch is never trained on; its step still advances the schedule."""
+        return step in self.quarantine
+
+    def lr_scale(self, step: int) -> float:
+        return self.cfg.cooldown_factor if step < self.cooldown_until else 1.0
+
+    def judge(self, step: int, loss: float, grad_norm: float) -> str:
+        """``"ok"`` (take the optimizer step), ``"skip"`` (drop this batch) or ``"rollback"``.
+
+        ``loss`` and ``grad_norm`` are already reduced across ranks, so every rank decides alike."""
+        if not self.cfg.enabled:
+            if not math.isfinite(loss):
+                raise LmforgeError(f"training diverged at step {step + 1} (loss {loss}); lower --set train.lr, "
+                                   "check the data, or enable the guard")
+            return "ok"
+        verdict, reason = self.detector.verdict(loss, grad_norm)
+        if verdict == "ok":
+            self.detector.accept(loss, grad_norm)
+            if self.skips:
+                self.events.emit("recovered", step, after_skips=self.skips)
+            self.skips, self.trouble_start = 0, -1
+            return "ok"
+        if self.trouble_start < 0:
+            self.trouble_start = step
+        self.events.emit("detected", step, kind=verdict, reason=reason)
+        self.note(f"step {step + 1}: {verdict}: {reason}")
+        if verdict == "spike" and self.skips < self.cfg.max_skips:
+            self.skips += 1
+            self.events.emit("skipped", step, consecutive=self.skips)
+            # A batch that caused a spike is suspect: replays after a later rollback skip it too.
+            self._quarantine({step}, {"from": step, "to": step, "skipped": True})
+            return "skip"
+        return "rollback"
+
+    def plan_rollback(self, step: int, newest_valid_before: Callable[[int], Path | None]) -> tuple[Path, int, int]:
+        """(checkpoint to roll back to, its step, steps quarantined); quarantines the batches from there (or from
+        ``quarantine_window`` steps before the trouble) to ``step``. Raises when it gives up."""
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            self.events.emit("gave_up", step, rollbacks=self.rollbacks)
+            raise LmforgeError(
+                f"the guard gave up at step {step + 1} after {self.rollbacks} rollbacks; see {self.run_dir}/{EVENTS} "
+                f"(`lmforge status {self.run_dir}`), then lower the lr or inspect the quarantined data")
+        target = newest_valid_before(self.trouble_start)
+        if target is None:
+            self.events.emit("gave_up", step, reason="no checkpoint predates the trouble")
+            raise LmforgeError(f"the guard found no checkpoint in {self.run_dir} before step {self.trouble_start + 1}; "
+                               "raise train.keep_checkpoints")
+        back_to = int(target.name.split("-")[1])
+        window = self.cfg.quarantine_window
+        lo = back_to if not window else max(back_to, self.trouble_start - window)
+        bad = set(range(lo, step + 1))
+        self._quarantine(bad, {"from": lo, "to": step, "rolled_back_to": back_to, "trouble_start": self.trouble_start})
+        self.events.emit("rolled_back", step, to_step=back_to, checkpoint=target.name)
+        self.events.emit("quarantined", step, steps=[lo, step], count=len(bad))
+        self.note(f"rolled back to step {back_to}; quarantined steps {lo + 1}..{step + 1}")
+        return target, back_to, len(bad)
+
+    def rewind(self, saved: dict, back_to: int, n_quarantined: int) -> None:
+        """Take back the state saved with the checkpoint just restored, keeping what the run has
+        been through since (rollbacks, recovery time, quarantine), and start the cooldown."""
+        rollbacks, recovery = self.rollbacks + 1, self.recovery_time_s
+        self.load_state_dict(saved)
+        self.rollbacks, self.recovery_time_s = rollbacks, recovery
+        self.skips, self.trouble_start = 0, -1
+        self.cooldown_until = back_to + self.cfg.cooldown_steps + n_quarantined
+
+    def watch_val(self, val_loss: float, step: int) -> None:
+        """Warn (once per streak) when the val loss has not improved for ``val_stall_evals`` evals."""
+        if val_loss < self.best_val:
+            self.best_val, self.evals_since_best = val_loss, 0
+            return
+        self.evals_since_best += 1
+        if self.cfg.val_stall_evals and self.evals_since_best == self.cfg.val_stall_evals:
+            self.events.emit("val_stall", step, evals=self.evals_since_best, best_val_loss=self.best_val,
+                             val_loss=val_loss)
+            self.note(f"warning: val loss has not improved for {self.evals_since_best} evals (best {self.best_val:.4f})")
+
+    def _quarantine(self, steps: set[int], reason: dict) -> None:
+        self.quarantine |= steps
+        if self.is_main:
+            save_quarantine(self.run_dir, self.quarantine, reason)
+
+    # ---------------------------------------------------------------- checkpointed state
+
+    _FIELDS = ("skips", "trouble_start", "rollbacks", "cooldown_until", "recovery_time_s", "best_val",
+               "evals_since_best")
+
+    def state_dict(self) -> dict:
+        return {"detector": self.detector.state_dict(), **{k: getattr(self, k) for k in self._FIELDS}}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.detector.load_state_dict(s.get("detector", {}))
+        for k in self._FIELDS:
+            if k in s:
+                setattr(self, k, s[k])

@@ -1,18 +1,14 @@
-"""``lmforge status RUN``: a training run's health and the guard's event timeline."""
+"""A training run's health and the guard's event timeline, as plain data (``lmforge status RUN``)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
-
-import typer
-from rich.console import Console
-from rich.table import Table
 
 from lmforge.rundir import read_manifest
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.guard import QUARANTINE, read_events
+from lmforge.train.metrics import METRICS
 
 
 def run_status(run_dir) -> dict:
@@ -20,7 +16,7 @@ def run_status(run_dir) -> dict:
     run_dir = Path(run_dir)
     man = read_manifest(run_dir, expect_stage="train")
     recs = []
-    mpath = run_dir / "metrics.jsonl"
+    mpath = run_dir / METRICS
     if mpath.exists():
         for ln in mpath.read_text().splitlines():
             try:
@@ -51,32 +47,3 @@ def run_status(run_dir) -> dict:
         "quarantined_steps": quarantined,
         "checkpoints": [c.name for c in list_checkpoints(run_dir)],
     }
-
-
-def status_cmd(run: Path = typer.Argument(..., help="A train run directory."),
-               as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")):
-    """Show a training run's health and the timeline of detected spikes, skips, rollbacks and resumes.
-
-    Example: lmforge status runs/d4
-    """
-    s = run_status(run)
-    if as_json:
-        print(json.dumps(s, indent=2))
-        return
-    c = Console()
-    c.print(f"[bold]{s['run_dir']}[/]  status [bold]{s['status']}[/]  step {s['last_step']}/{s['max_steps']}  "
-            f"loss {s['last_loss']}  val loss {s['last_val_loss']}")
-    c.print(f"health: {s['health']}")
-    c.print(f"checkpoints: {', '.join(s['checkpoints']) or 'none'}")
-    if s["quarantined_steps"]:
-        qs = s["quarantined_steps"]
-        c.print(f"quarantined: {len(qs)} batch steps ({qs[0]}..{qs[-1]})")
-    if s["events"]:
-        t = Table(title="events")
-        for col in ("time", "step", "event", "detail"):
-            t.add_column(col)
-        for e in s["events"]:
-            detail = {k: v for k, v in e.items() if k not in ("time", "step", "event")}
-            when = dt.datetime.fromtimestamp(e["time"]).strftime("%H:%M:%S")
-            t.add_row(when, str(e["step"]), e["event"], json.dumps(detail)[:100])
-        c.print(t)
