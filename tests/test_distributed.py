@@ -32,7 +32,8 @@ def test_torchrun_two_processes_match_one(tiny_data, tmp_path):
     # the same global batch again, as 2 ranks x 2 micro-batches: DDP syncs gradients once (no_sync on the first)
     accum = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "lmforge", "train", "--data", str(data_dir), "-o", str(tmp_path / "accum"),
-                            *COMMON, "--set", "train.batch_size=2", "--set", "train.grad_accum=2"],
+                            *COMMON, "--set", "train.batch_size=2", "--set", "train.grad_accum=2",
+                            "--set", "train.eval_batches=8"],  # the val set is eval_batches x batch_size x ranks windows
                            capture_output=True, text=True, env=env, timeout=300)
     assert accum.returncode == 0, accum.stderr[-3000:]
     (l1, v1), (l2, v2), (l3, v3) = losses(tmp_path / "one"), losses(tmp_path / "two"), losses(tmp_path / "accum")
