@@ -99,15 +99,27 @@ def load_checkpoint(ckpt: Path, model, sharded: bool = False) -> dict:
         raise LmforgeError(f"{ckpt / STATE}: cannot load training state ({e})") from None
 
 
-def latest_valid_checkpoint(run_dir, log=print) -> Path | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+def newest_valid(run_dir, at_most: int | None = None) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint (taken at or before step ``at_most``, when given) that verifies, and
+    what was wrong with each newer one passed over."""
+    skipped = []
     for ckpt in reversed(list_checkpoints(run_dir)):
+        if at_most is not None and step_of(ckpt) > at_most:
+            continue
         try:
             verify_checkpoint(ckpt)
-            return ckpt
+            return ckpt, skipped
         except LmforgeError as e:
-            log(f"warning: skipping checkpoint {ckpt.name}: {e}; falling back to the previous one")
-    return None
+            skipped.append(f"{ckpt.name}: {e}")
+    return None, skipped
+
+
+def latest_valid_checkpoint(run_dir, log=print) -> Path | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    found, skipped = newest_valid(run_dir)
+    for s in skipped:
+        log(f"warning: skipping checkpoint {s}; falling back to the previous one")
+    return found
 
 
 def rng_state() -> dict:
@@ -168,16 +180,7 @@ class Checkpointer:
 
     def newest_valid_before(self, step: int) -> Path | None:
         """The newest verified checkpoint taken at or before ``step`` (a rollback target), or None."""
-        target = None
-        if self.info.is_main:
-            for c in reversed([c for c in list_checkpoints(self.run_dir) if step_of(c) <= step]):
-                try:
-                    verify_checkpoint(c)
-                except LmforgeError:
-                    continue
-                target = c
-                break
-        return _agree(target, self.info)
+        return _agree(newest_valid(self.run_dir, at_most=step)[0] if self.info.is_main else None, self.info)
 
 
 def agree_on_latest(run_dir, info: D.DistInfo, log: Callable[[str], None] = print) -> Path | None:

@@ -22,6 +22,7 @@ from typing import Callable
 
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json
+from lmforge.train.checkpoint import step_of
 
 EVENTS = "events.jsonl"
 QUARANTINE = "quarantine.json"
@@ -234,7 +235,7 @@ class Guard:
             self.events.emit("gave_up", step, reason="no checkpoint predates the trouble")
             raise LmforgeError(f"the guard found no checkpoint in {self.run_dir} before step {self.trouble_start + 1}; "
                                "raise train.keep_checkpoints")
-        back_to = int(target.name.split("-")[1])
+        back_to = step_of(target)
         window = self.cfg.quarantine_window
         lo = back_to if not window else max(back_to, self.trouble_start - window)
         bad = set(range(lo, step + 1))

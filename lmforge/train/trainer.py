@@ -33,7 +33,7 @@ from lmforge.progress import Bar
 from lmforge.rundir import MANIFEST, Manifest, read_manifest
 from lmforge.train import distributed as D
 from lmforge.train import lock as L
-from lmforge.train.checkpoint import Checkpointer, agree_on_latest, list_checkpoints, verify_checkpoint
+from lmforge.train.checkpoint import Checkpointer, agree_on_latest, list_checkpoints, newest_valid
 from lmforge.train.config import RESUME_FREE, TrainConfig, resume_hash, resume_mode
 from lmforge.train.guard import EVENTS, QUARANTINE, EventLog, Guard
 from lmforge.train.metrics import MetricsLog
@@ -163,18 +163,10 @@ def _resume_point(cfg: TrainConfig, cfg_dict: dict, mode, info: D.DistInfo) -> P
         return mode
     found = agree_on_latest(run_dir, info, log=_warn)
     if found is None and info.is_main and list_checkpoints(run_dir):
-        why = "; ".join(f"{c.name}: {_damage(c)}" for c in list_checkpoints(run_dir))
+        why = "; ".join(newest_valid(run_dir)[1])
         raise LmforgeError(f"no checkpoint in {run_dir / 'checkpoints'} verifies ({why}); starting over would discard "
                            "the run: delete the checkpoints directory to start over, or train into a new --out")
     return found
-
-
-def _damage(ckpt: Path) -> str:
-    try:
-        verify_checkpoint(ckpt)
-        return "ok"
-    except LmforgeError as e:
-        return str(e)
 
 
 def setup(cfg: TrainConfig, mode, progress: bool, info: D.DistInfo, work: Workload, init, record: dict) -> Run:
