@@ -111,8 +111,9 @@ def _solve_scales(cols: np.ndarray, target: np.ndarray) -> np.ndarray:
             c = np.linalg.solve(M, As.sum(axis=1)[..., None])[..., 0]
             res = np.sum(((As @ c[..., None])[..., 0] - 1.0) ** 2, axis=1)
             take = (c >= 0).all(axis=1) & (res < best_res)
-            best[np.ix_(take, S)] = c[take]
-            best_res[take] = res[take]
+            full = np.zeros((G, m))
+            full[:, S] = c
+            best[take], best_res[take] = full[take], res[take]
     return np.log(np.maximum(best, _TINY)) - zmax
 
 
@@ -180,7 +181,8 @@ def _kaplan_to_theta(q) -> list:
     return [p * float(np.log(q["N_c"])), float(np.log(q["D_c"])), p, q["alpha_D"]]
 
 
-KAPLAN = Form("kaplan", "ND", ("N_c", "D_c", "alpha_N", "alpha_D"), ("p*log N_c", "log D_c", "alpha_N/alpha_D", "alpha_D"),
+KAPLAN = Form("kaplan", "ND", ("N_c", "D_c", "alpha_N", "alpha_D"),
+              ("p*log N_c", "log D_c", "alpha_N/alpha_D", "alpha_D"),
               # a small alpha_D needs a large bracket (log L / alpha_D), hence the wide scale bounds
               ((-20.0, 400.0), (-20.0, 400.0), (0.02, 20.0), (0.005, 2.0)),
               _kaplan_pred_jac, _kaplan_to_params, _kaplan_to_theta,
