@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lmforge.config import flag_tree, resolve_config
@@ -14,8 +15,8 @@ from lmforge.errors import LmforgeError
 from lmforge.model.model import flops_per_token, param_counts
 from lmforge.progress import console
 from lmforge.scaling.experiment import ExperimentConfig, run_experiment
-from lmforge.scaling.fit import Point, backtest
-from lmforge.scaling.forecast import check_forecast, fit_runs, fmt_params, forecast, load_fit, plan_compute, plot_fit
+from lmforge.scaling.forecast import (check_forecast, fit_runs, fmt_params, forecast, load_fit, load_law, plan_compute,
+                                      plot_fit)
 from lmforge.scaling.ladder import LadderConfig, create_ladder, run_ladder
 from lmforge.train.config import load_train_config
 
@@ -119,10 +120,15 @@ def ladder_experiment_cmd(
 def fit_cmd(
     runs: List[Path] = typer.Argument(..., help="Ladder directories and/or train run directories."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write fit.json and fit.png (default: the first argument)."),
-    form: str = typer.Option("ND", "--form", help="ND: L(N,D) = E + A/N^a + B/D^b; C: compute only."),
+    form: str = typer.Option("ND", "--form", help="ND: the L(N, D) forms (Chinchilla's E + A/N^a + B/D^b and Kaplan's "
+                             "[(Nc/N)^(aN/aD) + Dc/D]^aD), one chosen by backtest; C: compute only."),
     n_boot: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for standard errors and intervals."),
 ):
-    """Fit a scaling law to finished runs' final validation losses.
+    """Fit scaling laws to finished runs' final validation losses; choose the L(N, D) form by backtest.
+
+    Each form is refitted without the largest-compute runs, and without the largest model size,
+    and must predict them; the form with the smaller backtest error is used for forecasts, and
+    the backtests' misses calibrate the forecast intervals.
 
     Example: lmforge fit runs/ladder
     """
@@ -133,22 +139,47 @@ def fit_cmd(
     nd, c, d = load_fit(out)
     png = plot_fit(out, Path(out) / "fit.png")
     con = console()
-    if nd:
+    law = load_law(d)
+    if law:
+        _print_law(con, law)
+    elif nd:
         con.print(f"[bold]L(N, D) = E + A/N^alpha + B/D^beta[/]  ({nd.n_points} runs, log-residual RMS {nd.rmse_log:.4f})")
         for line in fmt_params(nd):
             con.print("  " + line)
-        for w in nd.warnings:
-            con.print(f"[yellow]warning:[/] {w}")
-        if nd.n_points >= 6:
-            for b in backtest([Point(**q) for q in d["points"]]):
-                con.print(f"backtest: without {b['name']} the law predicts {b['predicted']:.4f} for it "
-                          f"(actual {b['actual']:.4f}, error {b['error_pct']:+.2f}%)")
     con.print(f"[bold]L(C) = a*C^b + c[/]  (log-residual RMS {c.rmse_log:.4f})")
     for line in fmt_params(c):
         con.print("  " + line)
     for w in c.warnings:
         con.print(f"[yellow]warning:[/] {w}")
     con.print(f"saved {Path(out) / 'fit.json'} and {png}")
+
+
+FORM_TITLES = {"ND": "Chinchilla L(N, D) = E + A/N^alpha + B/D^beta",
+               "kaplan": "Kaplan L(N, D) = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D"}
+
+
+def _print_law(con, law) -> None:
+    """Each form's parameters and backtests, the choice, and the backtests' interval coverage."""
+    sel = law.selection
+    for name, fit in law.fits.items():
+        mark = "  [green](chosen)[/]" if name == law.chosen else ""
+        con.print(f"[bold]{FORM_TITLES.get(name, name)}[/]{mark}  ({fit.n_points} runs, log-residual RMS {fit.rmse_log:.4f})")
+        for line in fmt_params(fit):
+            con.print("  " + line)
+        for w in fit.warnings:
+            con.print(f"  [yellow]warning:[/] {w}")
+        info = sel["forms"].get(name, {})
+        for bt_name, bt in info.get("backtests", {}).items():
+            pts = ", ".join(f"{p['name']} {p['predicted']:.4f} vs {p['actual']:.4f} ({p['error_pct']:+.2f}%)"
+                            for p in bt["points"])
+            con.print(f"  backtest {bt_name}: mean abs error {bt['mape']:.2f}%  " + escape(f"[{pts}]"))
+    cov = law.coverage()
+    if cov["n"]:
+        con.print(f"chosen form: {law.chosen} (lowest backtest error); its backtest intervals held {cov['80%']:.0%} of "
+                  f"{cov['n']} held-out runs at 80%, {cov['95%']:.0%} at 95%")
+    for w in law.warnings:
+        if not any(w.startswith(f"{name}: ") for name in law.fits):  # each form's own warnings are printed above
+            con.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def forecast_cmd(
@@ -182,7 +213,7 @@ def forecast_cmd(
     r = forecast(fit, params, tokens, flops)
     print(f"N = {params:.4g}  D = {tokens:.4g}  C = {r['C']:.4g} FLOPs" + ("" if flops else " (6ND)"))
     print(f"predicted final val loss {r['loss']:.4f}   80% [{r['interval_80'][0]:.4f}, {r['interval_80'][1]:.4f}]   "
-          f"95% [{r['interval_95'][0]:.4f}, {r['interval_95'][1]:.4f}]")
+          f"95% [{r['interval_95'][0]:.4f}, {r['interval_95'][1]:.4f}]   (form {r['form']})")
     for w in r["warnings"]:
         print(f"warning: {w}")
 

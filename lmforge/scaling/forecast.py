@@ -14,7 +14,8 @@ from lmforge.data.shards import open_tokens
 from lmforge.errors import LmforgeError
 from lmforge.model.model import ModelConfig, flops_per_token, param_counts
 from lmforge.rundir import MANIFEST, atomic_write_json, ladder_rungs, update_manifest
-from lmforge.scaling.fit import REFERENCE_FITS, Point, ScalingFit, compute_optimal, fit_c, fit_nd, reference_fit
+from lmforge.scaling.fit import (REFERENCE_FITS, CalibratedLaw, Point, ScalingFit, calibrate, compute_optimal, fit_c,
+                                 reference_fit)
 from lmforge.train.config import TrainConfig
 from lmforge.train.trainer import train
 
@@ -68,11 +69,15 @@ def collect_points(paths) -> tuple[list[Point], dict]:
 
 
 def fit_runs(paths, out_dir, form: str = "ND", n_boot: int = 200) -> dict:
+    """Fit the runs' final losses and write ``fit.json``. With ``form="ND"`` (the default) every
+    L(N, D) form is fitted, one is chosen by backtest, and the calibrated interval data is stored
+    under ``law``; ``nd`` stays the Chinchilla fit, for readers of older files."""
     points, meta = collect_points(paths)
-    nd = fit_nd(points, n_boot=n_boot) if form == "ND" else None
+    law = calibrate(points, n_boot=n_boot) if form == "ND" else None
+    nd = law.fits["ND"] if law else None
     c = fit_c(points, n_boot=n_boot)
     out = {"form": form, "nd": nd.to_json() if nd else None, "c": c.to_json(), "points": [vars(p) for p in points],
-           **meta}
+           "law": law.to_json() if law else None, **meta}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / FIT_FILE, out)
@@ -81,7 +86,9 @@ def fit_runs(paths, out_dir, form: str = "ND", n_boot: int = 200) -> dict:
 
 def load_fit(path) -> tuple[ScalingFit | None, ScalingFit | None, dict]:
     """(L(N, D) fit or None, L(C) fit or None, the fit file's dict) from a fit.json, its
-    directory, or the name of a published fit (``chinchilla``, ``chinchilla-replication``)."""
+    directory, or the name of a published fit (``chinchilla``, ``chinchilla-replication``).
+
+    The L(N, D) fit is the form the backtests chose, when the file holds that choice."""
     if str(path) in REFERENCE_FITS:
         return reference_fit(str(path)), None, {"reference": str(path), "points": []}
     p = Path(path)
@@ -91,8 +98,23 @@ def load_fit(path) -> tuple[ScalingFit | None, ScalingFit | None, dict]:
         raise LmforgeError(f"{p}: no fit here; run `lmforge fit LADDER -o DIR` first, or name a published fit: "
                            f"{', '.join(REFERENCE_FITS)}")
     d = json.loads(p.read_text())
-    nd = ScalingFit.from_json(d["nd"]) if d.get("nd") else None
+    law = load_law(d)
+    nd = law.fits[law.chosen] if law else (ScalingFit.from_json(d["nd"]) if d.get("nd") else None)
     return nd, ScalingFit.from_json(d["c"]), d
+
+
+def load_law(fit_dict: dict) -> CalibratedLaw | None:
+    """The calibrated law stored in a fit file's dict, or None (a compute-only fit, an older file)."""
+    return CalibratedLaw.from_json(fit_dict["law"]) if fit_dict.get("law") else None
+
+
+def _interval(law: CalibratedLaw | None, fit: ScalingFit, N: float, D: float, C: float) -> dict:
+    """The calibrated interval when the fit has one, else the fit's own bootstrap interval."""
+    if law is not None:
+        iv = law.interval(N, D, C)
+        return {**iv, "interval_80": iv["80%"], "interval_95": iv["95%"]}
+    iv = fit.interval(N, D, C)
+    return {"loss": iv["loss"], "interval_80": iv["80%"], "interval_95": iv["95%"], "warnings": []}
 
 
 def forecast(fit_path, N: float, D: float, C: float | None = None) -> dict:
@@ -100,19 +122,20 @@ def forecast(fit_path, N: float, D: float, C: float | None = None) -> dict:
 
     ``C`` is the run's training FLOPs (``flops_per_token * D``), the quantity the compute-only
     law was fitted on; when it is not known, 6ND stands in for it."""
-    nd, c, _ = load_fit(fit_path)
+    nd, c, d = load_fit(fit_path)
     C = C or 6.0 * N * D
-    law = nd or c
-    iv = law.interval(N, D, C)
-    ext = law.extrapolation(N=N, D=D, C=C)
+    fit = nd or c
+    iv = _interval(load_law(d), fit, N, D, C)
+    ext = fit.extrapolation(N=N, D=D, C=C)
     warn = []
     far = {k: v for k, v in ext.items() if v > 100 or v < 0.01}
     if far:
         warn.append("forecast far outside the fitted range: " + ", ".join(f"{k} is {v:.3g}x the largest fitted value" for k, v in far.items()))
     elif any(v > 1 for v in ext.values()):
         warn.append("extrapolating beyond the fitted range: " + ", ".join(f"{k} {v:.3g}x" for k, v in ext.items() if v > 1))
-    return {"N": N, "D": D, "C": C, "loss": iv["loss"], "interval_80": iv["80%"], "interval_95": iv["95%"],
-            "form": law.form, "extrapolation": ext, "warnings": warn,
+    extra = {k: iv[k] for k in ("components", "backtest_coverage", "widening_factor", "forms") if k in iv}
+    return {"N": N, "D": D, "C": C, "loss": iv["loss"], "interval_80": iv["interval_80"], "interval_95": iv["interval_95"],
+            "form": fit.form, "extrapolation": ext, "warnings": warn + iv["warnings"], **extra,
             "loss_compute_only": c.predict(C=C) if c is not None else None}
 
 
@@ -226,9 +249,9 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
             if smallest_N and opt["N"] < smallest_N:
                 raise LmforgeError(f"a budget of {flops:.3g} FLOPs is too small for even the smallest model "
                                    f"({smallest_N:.3g} parameters)")
-            iv = nd.interval(opt["N"], opt["D"])
+            iv = _interval(load_law(d), nd, opt["N"], opt["D"], flops)
             out.update(N=opt["N"], D=opt["D"], tokens_per_param=opt["tokens_per_param"], loss=iv["loss"],
-                       interval_80=iv["80%"], interval_95=iv["95%"])
+                       interval_80=iv["interval_80"], interval_95=iv["interval_95"], form=nd.form)
             family = d.get("model") or {}
             if family.get("vocab_size") and family.get("context"):
                 pick = best_depth(nd, flops, family["vocab_size"], family["context"], max_tokens)
@@ -289,4 +312,7 @@ def plot_fit(fit_path, out_png, forecast_point: dict | None = None, actual: floa
 
 
 def fmt_params(fit: ScalingFit) -> list[str]:
-    return [f"{k:>6} = {v:.4g} ± {fit.stderr.get(k, math.nan):.2g}" for k, v in fit.params.items()]
+    def num(x, fmt):  # a value that overflowed on the way to JSON comes back as None
+        return format(x, fmt) if x is not None else "inf"
+
+    return [f"{k:>7} = {num(v, '.4g')} ± {num(fit.stderr.get(k, math.nan), '.2g')}" for k, v in fit.params.items()]

@@ -173,7 +173,8 @@ def _kaplan_project(ex, X, logL):
 
 def _kaplan_to_params(theta) -> dict:
     c1, c2, p, ad = map(float, theta)
-    return {"N_c": float(np.exp(c1 / p)), "D_c": float(np.exp(c2)), "alpha_N": p * ad, "alpha_D": ad}
+    with np.errstate(over="ignore"):  # a tiny alpha_N/alpha_D puts N_c past float range: inf, reported as such
+        return {"N_c": float(np.exp(c1 / p)), "D_c": float(np.exp(c2)), "alpha_N": p * ad, "alpha_D": ad}
 
 
 def _kaplan_to_theta(q) -> list:
