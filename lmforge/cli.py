@@ -52,7 +52,7 @@ def run_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Sequences per step (default {RunConfig.batch_size})."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of documents held out for validation, "
                                                  f"chosen by content hash (default {RunConfig.val_fraction})."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose [run] table sets any key."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[run] table sets any key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set run.lr=2e-3"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):

@@ -39,7 +39,7 @@ def data_cmd(
                                                  help="Share of documents held out for validation, chosen by content "
                                                       "hash so a document always lands in the same split (default: 0.02)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="TOML file whose [data] table sets any data key, `sources` included."),
+                                          help="TOML file whose \\[data] table sets any data key, `sources` included."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a data key, e.g. --set data.num_perm=64"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, no summary table."),
 ):

@@ -52,7 +52,7 @@ def ladder_plan_cmd(
     budget: Optional[float] = typer.Option(None, "--budget-flops", help="Drop the largest rungs beyond this total."),
     target: Optional[float] = typer.Option(None, "--target-flops", help="Compute of the run the ladder will forecast: "
                                            "keep each rung under 1/10 of it and the ladder under 1/3."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose [ladder] table sets any ladder key."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[ladder] table sets any ladder key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set ladder.lr_ref=2e-3"),
 ):
     """Propose a grid of rungs and show each rung's cost before anything runs.
@@ -97,7 +97,7 @@ def ladder_experiment_cmd(
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Ladder token budgets, every depth (default 1e6,2e6,3e6,4e6,6e6,8e6)."),
     source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: default:stdlib+site)."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Tokenizer vocabulary (default 4096)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose [experiment] table sets any key."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[experiment] table sets any key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set experiment.n_boot=100"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):

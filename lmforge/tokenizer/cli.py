@@ -25,7 +25,7 @@ def tokenizer_cmd(
                                                  help="Train on at most this much of the train split (default 40; 0: all of it)."),
     tokenize: bool = typer.Option(False, "--tokenize",
                                   help="Then tokenize DATA's splits with the new tokenizer (what `lmforge train` reads)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose [tokenizer] table sets any tokenizer key."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[tokenizer] table sets any tokenizer key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set tokenizer.vocab_size=4096"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):

@@ -22,7 +22,7 @@ def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Data run directory (from `lmforge data --tokenizer`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write (default runs/train)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="TOML file: a [train] table, with [train.model] and [train.guard] tables."),
+                                          help="TOML file: a \\[train] table, with \\[train.model] and \\[train.guard] tables."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Model size dial: width 64*depth, depth layers (train.model.depth)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.max_steps)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any key: --set train.lr=1e-3 --set train.model.n_kv_head=2"),
