@@ -223,3 +223,21 @@ def test_forms_other_than_n_d_laws_are_refused_in_selection():
 
     with pytest.raises(LmforgeError, match="compares L\\(N, D\\) laws"):
         select_form(ladder(chinchilla, np.random.default_rng(0)), forms=("ND", "C"))
+
+
+def test_a_fit_whose_parameter_overflows_survives_the_json_round_trip(tmp_path):
+    """Kaplan's N_c = exp(c / ratio) overflows a float at a tiny exponent ratio; fit.json stores null
+    for it, and the reloaded fit must still predict from the fitted vector."""
+    import json
+
+    from lmforge.rundir import atomic_write_json
+    from lmforge.scaling.forms import get_form
+
+    form = get_form("kaplan")
+    theta = [800.0, 14.0, 0.021, 0.24]  # c1 / ratio = 38095: exp() overflows
+    fit = ScalingFit("kaplan", form.to_params(theta), {}, 6, 0.01, theta=theta)
+    assert fit.params["N_c"] == float("inf")
+    atomic_write_json(tmp_path / "fit.json", fit.to_json())
+    back = ScalingFit.from_json(json.loads((tmp_path / "fit.json").read_text()))
+    assert back.params["N_c"] is None
+    assert back.predict(1e6, 1e7) == fit.predict(1e6, 1e7)

@@ -153,12 +153,19 @@ class ScalingFit:
     n_range: tuple = (0.0, 0.0)
     d_range: tuple = (0.0, 0.0)
     c_range: tuple = (0.0, 0.0)
+    # The fitted vector itself: params can overflow a float (Kaplan's N_c at a tiny exponent
+    # ratio), the log-space vector cannot, so predictions from a reloaded fit stay exact.
+    theta: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.theta:
+            self.theta = [float(v) for v in get_form(self.form).to_theta(self.params)]
 
     def predict(self, N: float | None = None, D: float | None = None, C: float | None = None) -> float:
         return float(np.exp(self._log_pred(self._theta(), N, D, C)))
 
     def _theta(self):
-        return get_form(self.form).to_theta(self.params)
+        return np.asarray(self.theta, dtype=float)
 
     def _log_pred(self, theta, N, D, C):
         form = get_form(self.form)
@@ -248,7 +255,7 @@ def _make_fit(f: Form, points: list[Point], X, logL, theta, boot) -> ScalingFit:
                      [list(map(float, b)) for b in boot],
                      n_range=(min(p.N for p in points), max(p.N for p in points)),
                      d_range=(min(p.D for p in points), max(p.D for p in points)),
-                     c_range=(min(p.C for p in points), max(p.C for p in points)))
+                     c_range=(min(p.C for p in points), max(p.C for p in points)), theta=[float(t) for t in theta])
     fit.warnings = _degeneracy(theta, f.bounds, f.coords, fit.rmse_log, len(points), f.k)
     return fit
 
@@ -616,7 +623,7 @@ class CalibratedLaw:
         fit = self.fits[self.chosen]
         form = self._form()
         X = np.array([[math.log(N)], [math.log(D)]])
-        centre = float(form.log_pred(form.to_theta(fit.params), X)[0])
+        centre = float(form.log_pred(fit._theta(), X)[0])
         preds = {f: self.fits[f].predict(N, D) for f in self.fits}
         parts = _spread(centre, [form.log_pred(np.asarray(b), X)[0] for b in fit.boot],
                         [form.log_pred(np.asarray(d["theta"]), X)[0] for d in self.depth_refits],
