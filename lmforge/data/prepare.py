@@ -16,17 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.data.clean import Deduper, content_hash, normalize
-from lmforge.data.sources import iter_source, source_files
+from lmforge.data.sources import Drops, iter_source, source_files
 from lmforge.errors import LmforgeError
 from lmforge.progress import Bar
 from lmforge.rundir import MANIFEST, Manifest, commit_temp
 
-DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "empty", "too_short", "too_long", "exact_dup", "near_dup")
+DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "corrupt_archive", "empty", "too_short", "too_long", "exact_dup",
+                "near_dup")
 
 
 @dataclass
@@ -118,7 +118,7 @@ class _Run:
 
     def __init__(self, out_dir: Path, cfg: DataConfig):
         self.cfg = cfg
-        self.stats: Counter = Counter()
+        self.stats = Drops()
         self.writers = {s: ShardWriter(out_dir / "clean", s, cfg.shard_bytes) for s in ("train", "val")}
         self.dedup = Deduper(out_dir / ".dedup.sqlite", near=cfg.dedup_near, threshold=cfg.near_threshold,
                              num_perm=cfg.num_perm)
@@ -189,6 +189,7 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, pro
     elapsed = time.time() - t0
     tr, va = run.writers["train"], run.writers["val"]
     man.set_metrics(docs_seen=run.seen(), docs_kept=run.stats["kept"], dropped=run.dropped(),
+                    dropped_paths=run.stats.paths,
                     docs_train=tr.docs, docs_val=va.docs, chars_train=tr.chars, chars_val=va.chars,
                     bytes_train=tr.bytes, bytes_val=va.bytes, input_bytes=run.in_bytes,
                     clean_seconds=round(elapsed, 2),

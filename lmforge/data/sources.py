@@ -3,32 +3,52 @@
 A source string is one of:
 - ``default`` or ``default:stdlib+site``: the embedded corpus;
 - a directory: every text file under it (binary files are counted and skipped);
-- a file ending in ``.jsonl`` / ``.jsonl.gz`` / ``.ndjson`` (JSON lines) with a text field;
-  any other file (``.json`` included) is one plain-text document;
+- a file ending in ``.jsonl`` / ``.ndjson`` (JSON lines) with a text field; any other file
+  (``.json`` included) is one plain-text document;
+- any of those compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``: read as the file they hold),
+  and tar archives (``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.zst``),
+  whose regular members are one document each (see :mod:`lmforge.data.compressed`);
 - a ``.parquet`` file with a text column (a directory of them works as a tree: every
   ``.parquet`` and ``.jsonl`` file inside is read as records);
 - ``hf:NAME`` or ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT``: a Hugging Face dataset, streamed;
 - a folder written by ``datasets.Dataset.save_to_disk``.
 
-Documents are yielded as ``(doc_id, text)``; undecodable input is counted in ``stats`` and
-never raises. Malformed structured input (bad JSON, missing field) is an error that names
+Documents are yielded as ``(doc_id, text)``; undecodable input, and a truncated or corrupt
+archive, is counted in ``stats`` (a :class:`Drops`, which keeps the first paths of each kind)
+and never raises. Malformed structured input (bad JSON, missing field) is an error that names
 the file, line and field.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-from contextlib import contextmanager
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from lmforge.data.compressed import codec_of, corrupt_errors, inner_name, is_tar, iter_tar, open_text, read_document
 from lmforge.data.corpus import default_corpus_paths
 from lmforge.errors import LmforgeError
 
 BINARY_SNIFF = 8192
+PATHS_KEPT = 20  # per drop reason, for the manifest: enough to find the files, not a second listing
+
+
+class Drops(Counter):
+    """Counts of dropped inputs by reason, and the paths of the first few of each kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.paths: dict[str, list[str]] = {}
+
+    def drop(self, reason: str, path=None) -> None:
+        self[reason] += 1
+        if path is not None:
+            kept = self.paths.setdefault(reason, [])
+            if len(kept) < PATHS_KEPT:
+                kept.append(str(path))
 
 
 def decode_bytes(raw: bytes, stats: Counter) -> str | None:
@@ -93,30 +113,62 @@ def iter_source(source: str, text_field: str, stats: Counter,
 
 def iter_file(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str, str]]:
     name = f.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        yield from _iter_jsonl(f, text_field)
+    if is_tar(name):
+        yield from _iter_tar(f, stats)
+    elif inner_name(name).endswith((".jsonl", ".ndjson")):
+        yield from _iter_jsonl(f, text_field, stats)
     elif name.endswith(".parquet"):
         yield from _iter_parquet(f, text_field)
     else:
         try:
-            raw = f.read_bytes()
-        except OSError:  # a permission-denied file among thousands should not stop the run
-            stats["unreadable"] += 1
+            raw = read_document(f) if codec_of(name) else f.read_bytes()
+        except corrupt_errors() as e:
+            if not codec_of(name) and isinstance(e, OSError):  # a permission-denied file should not stop the run
+                _drop(stats, "unreadable", f)
+            else:
+                _drop(stats, "corrupt_archive", f)
+            return
+        if raw is None:
+            _drop(stats, "too_long", f)
             return
         text = decode_bytes(raw, stats)
         if text is not None:
             yield str(f), text
 
 
-def _iter_jsonl(f: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    opener = gzip.open if f.name.lower().endswith(".gz") else open
-    with opener(f, "rt", encoding="utf-8", errors="strict") as fh:
+def _drop(stats: Counter, reason: str, path) -> None:
+    if isinstance(stats, Drops):
+        stats.drop(reason, path)
+    else:
+        stats[reason] += 1
+
+
+def _iter_tar(f: Path, stats: Counter) -> Iterator[tuple[str, str]]:
+    """Every regular member of a tar archive is a document; a break in the archive ends it, counted."""
+    try:
+        for member, raw in iter_tar(f):
+            if raw is None:
+                _drop(stats, "too_long", f"{f}#{member}")
+                continue
+            text = decode_bytes(raw, stats)
+            if text is not None:
+                yield f"{f}#{member}", text
+    except corrupt_errors():
+        _drop(stats, "corrupt_archive", f)
+
+
+def _iter_jsonl(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str, str]]:
+    damaged = corrupt_errors() if codec_of(f.name) else ()
+    with open_text(f) as fh:
         lineno = 0
         while True:
             try:
                 line = fh.readline()
             except UnicodeDecodeError:
                 raise LmforgeError(f"{f}:{lineno + 1}: invalid UTF-8 in a JSONL file; re-encode it as UTF-8") from None
+            except damaged:  # the lines before the damage were read; the rest of the file is lost
+                _drop(stats, "corrupt_archive", f)
+                return
             if not line:
                 break
             lineno += 1
