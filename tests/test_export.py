@@ -267,8 +267,10 @@ def test_cli_functions(tok_dir, tmp_path):
     assert "Example: lmforge export" in runner.invoke(app, ["export", "--help"]).output
     assert "Example: lmforge import-hf" in runner.invoke(app, ["import-hf", "--help"]).output
     run, _ = fake_run(tmp_path, tok_dir)
-    res = runner.invoke(app, ["export", str(run), "--format", "gguf"])
-    assert isinstance(res.exception, LmforgeError) and str(res.exception) == "--format gguf: unknown format; supported: hf"
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx"])
+    assert isinstance(res.exception, LmforgeError) and str(res.exception) == "--format onnx: unknown format; supported: hf, gguf"
+    res = runner.invoke(app, ["export", str(run), "--format", "gguf", "-o", str(tmp_path / "g")])
+    assert res.exit_code == 0 and (tmp_path / "g" / "model.gguf").exists()
     res = runner.invoke(app, ["export", str(run)])
     assert res.exit_code == 0 and (run / "hf" / "config.json").exists()
     res = runner.invoke(app, ["import-hf", str(run / "hf"), "-o", str(tmp_path / "imp")])
@@ -279,4 +281,4 @@ def test_full_cli_unknown_format(tok_dir, tmp_path):
     run, _ = fake_run(tmp_path, tok_dir)
     res = subprocess.run([sys.executable, "-m", "lmforge", "export", str(run), "--format", "onnx"],
                          capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and res.stderr.strip() == "error: --format onnx: unknown format; supported: hf"
+    assert res.returncode == 2 and res.stderr.strip() == "error: --format onnx: unknown format; supported: hf, gguf"

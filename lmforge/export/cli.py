@@ -24,11 +24,13 @@ def export_cmd(
 ) -> None:
     """Export a trained model (weights, config, tokenizer) for other tools.
 
-    Examples:
+    Example: lmforge export runs/train -o runs/train-hf
 
-      lmforge export runs/train -o runs/train-hf      then AutoModelForCausalLM.from_pretrained("runs/train-hf")
+    then in Python: AutoModelForCausalLM.from_pretrained("runs/train-hf")
 
-      lmforge export runs/train --format gguf --dtype q8_0 -o runs/train-gguf      then llama.cpp -m runs/train-gguf/model.gguf
+    Example: lmforge export runs/train --format gguf --dtype q8_0 -o runs/train-gguf
+
+    then with llama.cpp: llama-cli -m runs/train-gguf/model.gguf
     """
     if format not in FORMATS:
         raise LmforgeError(f"--format {format}: unknown format; supported: {', '.join(FORMATS)}")
