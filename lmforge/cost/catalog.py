@@ -56,10 +56,6 @@ def _raw_catalog(extra: str | Path | None = None) -> dict[str, dict]:
     return raw
 
 
-def load_catalog(extra: str | Path | None = None) -> dict[str, Hardware]:
-    return {name: _entry(name, e) for name, e in _raw_catalog(extra).items()}
-
-
 def _entry(name: str, e: dict) -> Hardware:
     try:
         hw = Hardware(name, float(e["peak_bf16"]), float(e["peak_fp32"]), float(e["watts"]), float(e["usd_per_hour"]))
@@ -102,8 +98,7 @@ def detect_hardware_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     gpu = torch.cuda.get_device_name(device)
-    _, raw = _lookup("cpu", None)
-    for key in sorted(raw, key=len, reverse=True):
+    for key in sorted(_raw_catalog(), key=len, reverse=True):
         if key.lower() != "cpu" and key.lower() in gpu.lower():
             return key
     raise LmforgeError(f"the GPU '{gpu}' is not in the hardware catalog; add an entry for it to {user_catalog_path()} "
@@ -116,8 +111,7 @@ def device_peak(device: torch.device, hardware: str, dtype: str) -> tuple[float,
     if device.type == "cpu":
         hardware = "cpu"
     hw = get_hardware(detect_hardware_name(device) if hardware == "auto" else hardware)
-    measured = device.type == "cpu" and hw.name == "cpu"
-    return hw.peak(dtype), (f"measured {dtype} matmul peak" if measured else f"catalog [{hw.name}] {dtype}")
+    return hw.peak(dtype), (f"measured {dtype} matmul peak" if device.type == "cpu" else f"catalog [{hw.name}] {dtype}")
 
 
 def run_cost(device_hours: float, hw: Hardware, grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH,

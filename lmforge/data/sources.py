@@ -97,7 +97,7 @@ def _is_hf_disk_dataset(p: Path) -> bool:
     return (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()
 
 
-def iter_source(source: str, text_field: str, stats: Counter,
+def iter_source(source: str, text_field: str, stats: Drops,
                 files: list[Path] | None = None) -> Iterator[tuple[str, str]]:
     """``(doc_id, text)`` for every document of ``source``; ``files`` reuses a source_files() listing."""
     if source.startswith("hf:"):
@@ -111,7 +111,7 @@ def iter_source(source: str, text_field: str, stats: Counter,
         yield from iter_file(f, text_field, stats)
 
 
-def iter_file(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str, str]]:
+def iter_file(f: Path, text_field: str, stats: Drops) -> Iterator[tuple[str, str]]:
     name = f.name.lower()
     if is_tar(name):
         yield from _iter_tar(f, stats)
@@ -124,40 +124,33 @@ def iter_file(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str, s
             raw = read_document(f) if codec_of(name) else f.read_bytes()
         except corrupt_errors() as e:
             if not codec_of(name) and isinstance(e, OSError):  # a permission-denied file should not stop the run
-                _drop(stats, "unreadable", f)
+                stats.drop("unreadable", f)
             else:
-                _drop(stats, "corrupt_archive", f)
+                stats.drop("corrupt_archive", f)
             return
         if raw is None:
-            _drop(stats, "too_long", f)
+            stats.drop("too_long", f)
             return
         text = decode_bytes(raw, stats)
         if text is not None:
             yield str(f), text
 
 
-def _drop(stats: Counter, reason: str, path) -> None:
-    if isinstance(stats, Drops):
-        stats.drop(reason, path)
-    else:
-        stats[reason] += 1
-
-
-def _iter_tar(f: Path, stats: Counter) -> Iterator[tuple[str, str]]:
+def _iter_tar(f: Path, stats: Drops) -> Iterator[tuple[str, str]]:
     """Every regular member of a tar archive is a document; a break in the archive ends it, counted."""
     try:
         for member, raw in iter_tar(f):
             if raw is None:
-                _drop(stats, "too_long", f"{f}#{member}")
+                stats.drop("too_long", f"{f}#{member}")
                 continue
             text = decode_bytes(raw, stats)
             if text is not None:
                 yield f"{f}#{member}", text
     except corrupt_errors():
-        _drop(stats, "corrupt_archive", f)
+        stats.drop("corrupt_archive", f)
 
 
-def _iter_jsonl(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str, str]]:
+def _iter_jsonl(f: Path, text_field: str, stats: Drops) -> Iterator[tuple[str, str]]:
     damaged = corrupt_errors() if codec_of(f.name) else ()
     with open_text(f) as fh:
         lineno = 0
@@ -167,7 +160,7 @@ def _iter_jsonl(f: Path, text_field: str, stats: Counter) -> Iterator[tuple[str,
             except UnicodeDecodeError:
                 raise LmforgeError(f"{f}:{lineno + 1}: invalid UTF-8 in a JSONL file; re-encode it as UTF-8") from None
             except damaged:  # the lines before the damage were read; the rest of the file is lost
-                _drop(stats, "corrupt_archive", f)
+                stats.drop("corrupt_archive", f)
                 return
             if not line:
                 break
