@@ -28,6 +28,16 @@ def test_depth_dial_derives_sizes():
     assert param_counts(bigger)["non_embedding"] > param_counts(cfg)["non_embedding"]
 
 
+def test_aspect_sets_the_width_per_layer_and_heads_always_divide_it():
+    assert ModelConfig(depth=4, aspect=32).d_model == 128
+    for depth in range(1, 13):
+        cfg = ModelConfig(depth=depth, aspect=32)  # widths 32..384: 224 is not a multiple of 3 heads of 64
+        assert cfg.d_model == 32 * depth and cfg.d_model % cfg.n_head == 0 and cfg.head_dim % 2 == 0
+        assert cfg.head_dim >= 64 or cfg.n_head == 1
+    with pytest.raises(LmforgeError, match="model.aspect"):
+        ModelConfig(depth=2, aspect=33)
+
+
 def test_flops_per_token_is_6n_plus_attention():
     cfg = small()
     n = param_counts(cfg)["non_embedding"] + cfg.vocab_size * cfg.d_model

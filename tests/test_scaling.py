@@ -101,7 +101,7 @@ def test_micro_ladder_runs_end_to_end_and_resumes_an_interrupted_rung(tiny_data,
 def test_fit_forecast_and_compute_only_law_from_the_micro_ladder(micro_ladder):
     nd, c, d = load_fit(micro_ladder)
     assert nd.n_points == 6 and len(d["points"]) == 6
-    assert d["model"] == {"vocab_size": 512, "context": CTX}
+    assert d["model"] == {"vocab_size": 512, "context": CTX, "aspect": 64}
     rungs = {r["name"]: r for r in load_ladder(micro_ladder)["rungs"]}
     for p in d["points"]:  # each point is the rung's manifest, not a recomputation
         m = json.loads((micro_ladder / "rungs" / p["name"] / "manifest.json").read_text())["metrics"]
@@ -204,32 +204,37 @@ def test_a_run_with_a_forecast_checks_itself(micro_ladder, tiny_data, tmp_path):
     assert res.returncode == 0 and f"error {chk['error_pct']:+.2f}%" in res.stdout
 
 
-def test_experiment_preset_forecasts_before_the_target_and_resumes(medium_data, tmp_path):
-    """`lmforge ladder experiment` at micro scale: the whole chain, the forecast written before the target."""
+def test_experiment_preset_forecasts_before_the_targets_and_resumes(medium_data, tmp_path):
+    """`lmforge ladder experiment` at micro scale: design, ladder, fit, two forecasts before either target, report."""
     from lmforge.scaling.experiment import ExperimentConfig, run_experiment
 
-    corpus = medium_data[0].parent / "corpus"  # ~1.5M train tokens: the target stays within one epoch
-    cfg = ExperimentConfig(sources=[str(corpus)], vocab_size=512, depths=[1, 2], tokens=[2560, 5120, 10240],
-                           target_flops=3.2e11, context=CTX, eval_windows=64, n_boot=10)
+    corpus = medium_data[0].parent / "corpus"  # ~1.5M train tokens: the targets stay within one epoch
+    cfg = ExperimentConfig(sources=[str(corpus)], vocab_size=512, target_flops=[3e11, 5e11], target_depths=[2, 3],
+                           aspect=16, min_steps=10, context=64, eval_windows=64, n_boot=10)
     out = tmp_path / "exp"
     r = run_experiment(out, cfg, progress=False)
     plan = load_ladder(out / "ladder")
-    assert len(plan["rungs"]) >= 5
-    assert max(g["flops"] for g in plan["rungs"]) <= cfg.target_flops / 10
-    assert plan["total_flops"] <= cfg.target_flops / 3
-    target = json.loads((out / "target" / "manifest.json").read_text())
-    fc = json.loads((out / "forecast.json").read_text())
-    # the forecast was on disk before the target's first step, and the run recorded the same numbers
-    assert fc["made_at"] <= target["created"] and target["forecast"]["loss"] == pytest.approx(fc["forecast"]["loss"])
-    assert target["metrics"]["model_flops"] >= 10 * max(g["flops"] for g in plan["rungs"]) * 0.95
-    assert target["metrics"]["epochs"] <= 1
-    assert r["check"]["actual"] == target["metrics"]["final_val_loss"]
-    assert (out / "scaling.png").exists() and "| target |" in (out / "report.md").read_text()
+    assert sorted(plan["config"]["depths"]) == [2, 3, 4] and len(plan["rungs"]) == 9
+    largest = max(g["flops"] for g in plan["rungs"])
+    assert largest <= 3e11 / 10 and plan["total_flops"] <= 3e11 / 3
+    made = json.loads((out / "forecast.json").read_text())
+    assert len(r["targets"]) == 2 and [t["depth"] for t in r["targets"]] == [2, 3]
+    for entry, t in zip(made["targets"], r["targets"]):
+        man = json.loads((out / t["name"] / "manifest.json").read_text())
+        # every forecast was on disk before any target launched, and each run recorded its own
+        assert made["made_at"] <= t["launched_at"] <= man["created"]
+        assert man["forecast"]["loss"] == pytest.approx(entry["forecast"]["loss"]) == pytest.approx(t["forecast"])
+        assert t["actual"] == man["metrics"]["final_val_loss"] and man["metrics"]["epochs"] <= 1
+        assert t["error_pct"] == pytest.approx(100 * (t["actual"] - t["forecast"]) / t["actual"])
+    assert r["targets"][1]["largest_rung_ratio"] >= 25 and r["targets"][0]["largest_rung_ratio"] >= 10
+    assert r["corpus_hash"] and r["fit"]["form"] in ("ND", "kaplan") and r["machine"]["cpu"] and r["precision"]
+    assert {g["name"] for g in r["rungs"]} == {g["name"] for g in plan["rungs"]}
+    assert (out / "scaling.png").exists() and "| forecast |" in (out / "report.md").read_text()
     stamp = (out / "forecast.json").read_text()
-    again = run_experiment(out, cfg, progress=False)  # everything done: nothing reruns, the forecast stays
-    assert (out / "forecast.json").read_text() == stamp and again["check"] == r["check"]
+    again = run_experiment(out, cfg, progress=False)  # everything done: nothing reruns, the forecasts stay
+    assert (out / "forecast.json").read_text() == stamp and again["targets"] == r["targets"]
     with pytest.raises(LmforgeError, match="different config"):
-        run_experiment(out, ExperimentConfig(**{**cfg.__dict__, "target_flops": 4e11}), progress=False)
+        run_experiment(out, ExperimentConfig(**{**cfg.__dict__, "target_flops": [4e11, 5e11]}), progress=False)
 
 
 def test_ladder_plan_reads_its_config_file_and_flags_still_win(tiny_data, tmp_path):

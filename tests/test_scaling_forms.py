@@ -120,7 +120,9 @@ def test_form_selection_picks_the_form_that_made_the_data(true_form, sizes):
     # the report: which runs each backtest held out, and each form's prediction for them
     ranked = sorted(pts, key=lambda p: p.C)
     top = r["backtests"]["top_compute"]
-    assert set(top["held_out"]) == {p.name for p in ranked[-round(0.25 * len(pts)):]} and top["reach"] > 1
+    # the top quarter by compute, and any run within 1.5x of it, so the backtest reaches 1.5x or more
+    floor = ranked[-round(0.25 * len(pts))].C / 1.5
+    assert set(top["held_out"]) == {p.name for p in pts if p.C > floor} and top["reach"] >= 1.5
     depth = r["backtests"]["largest_N"]
     assert set(depth["held_out"]) == {p.name for p in pts if p.N == max(sizes)} and depth["skipped"] is None
     row = r["forms"][true_form]["backtests"]["largest_N"]["points"][0]

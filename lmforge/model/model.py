@@ -1,6 +1,6 @@
 """A Llama-architecture decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases.
 
-One ``depth`` dial sizes the model (width = 64 * depth, head_dim 64); every derived
+One ``depth`` dial sizes the model (width = ``aspect`` * depth, 64 by default; heads of ~64 dims); every derived
 size can be overridden explicitly. The module reads top to bottom: config, blocks,
 model, then the small helpers that report parameters and FLOPs.
 """
@@ -21,6 +21,7 @@ from lmforge.model.fused import linear_cross_entropy
 @dataclass
 class ModelConfig:
     depth: int = 6
+    aspect: int = 64  # width per layer: d_model = aspect * depth
     vocab_size: int = 8192  # 0: take it from the tokenizer
     context: int = 256
     # Derived from depth when left at 0.
@@ -37,9 +38,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise LmforgeError(f"model.depth = {self.depth}: must be at least 1")
+        if self.aspect < 2 or self.aspect % 2:
+            raise LmforgeError(f"model.aspect = {self.aspect}: must be an even number of at least 2 (width per layer)")
         self.n_layer = self.n_layer or self.depth
-        self.d_model = self.d_model or 64 * self.depth
-        self.n_head = self.n_head or max(1, self.d_model // 64)
+        self.d_model = self.d_model or self.aspect * self.depth
+        # Heads of about 64 dims; at widths that 64 does not divide, the most heads that do.
+        self.n_head = self.n_head or next(h for h in range(max(1, self.d_model // 64), 0, -1)
+                                          if self.d_model % h == 0 and (self.d_model // h) % 2 == 0)
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.d_model % self.n_head:
             raise LmforgeError(

@@ -14,6 +14,7 @@ from lmforge.data.shards import open_tokens
 from lmforge.errors import LmforgeError
 from lmforge.model.model import flops_per_token, param_counts
 from lmforge.progress import console
+from lmforge.scaling.design import design_ladder
 from lmforge.scaling.experiment import ExperimentConfig, run_experiment
 from lmforge.scaling.forecast import (check_forecast, fit_runs, fmt_params, forecast, load_fit, load_law, plan_compute,
                                       plot_fit)
@@ -50,22 +51,42 @@ def ladder_plan_cmd(
     context: Optional[int] = typer.Option(None, "--context", help="Sequence length (default 256)."),
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Catalog name used to price the rungs (default cpu)."),
     budget: Optional[float] = typer.Option(None, "--budget-flops", help="Drop the largest rungs beyond this total."),
-    target: Optional[float] = typer.Option(None, "--target-flops", help="Compute of the run the ladder will forecast: "
-                                           "keep each rung under 1/10 of it and the ladder under 1/3."),
+    target: Optional[str] = typer.Option(None, "--target-flops", help="Compute of the run(s) the ladder will forecast, "
+                                         "comma-separated: keep each rung under 1/10 of the smallest and the ladder under 1/3."),
+    design: bool = typer.Option(False, "--design", help="Design depths and budgets from --target-flops by the rules in "
+                                "docs/scaling.md (three depths bracketing the targets, three budgets each)."),
+    target_depths: Optional[str] = typer.Option(None, "--target-depths", help="With --design: each target's depth "
+                                                "(default: nearest 20 tokens/param)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[ladder] table sets any ladder key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set ladder.lr_ref=2e-3"),
 ):
     """Propose a grid of rungs and show each rung's cost before anything runs.
 
-    Examples: lmforge ladder plan --data runs/default/data --depths 2,3,4,5 -o runs/ladder
-              lmforge ladder plan --data runs/big/data --depths 2,3 --tokens 1e6,2e6,4e6,8e6 --target-flops 7.5e14
+    Examples:
+      lmforge ladder plan --data runs/default/data --depths 2,3,4,5 -o runs/ladder
+      lmforge ladder plan --data runs/big/data --depths 2,3 --tokens 1e6,2e6,4e6,8e6 --target-flops 7.5e14
+      lmforge ladder plan --data runs/big/data --target-flops 2.5e14,4.2e14 --design --set ladder.aspect=32
 
     Precedence: defaults < --config file < --set < flags.
     """
     flags = flag_tree(depths=_parse_list(depths, int, "--depths"), multipliers=_parse_list(multipliers, float, "--multipliers"),
                       tokens=_parse_list(tokens, float, "--tokens"), context=context, hardware=hardware)
     cfg = resolve_config(LadderConfig, "ladder", config, set_, flags)
-    plan = create_ladder(out, cfg, str(data), budget, target)
+    targets = _parse_list(target, float, "--target-flops")
+    if design:
+        if not targets:
+            raise LmforgeError("--design needs --target-flops: the ladder is designed from the runs it will forecast")
+        _, td = open_tokens(data)
+        d = design_ladder(targets, cfg, td.vocab_size, max_tokens=len(td.split("train")),
+                          target_depths=_parse_list(target_depths, int, "--target-depths"))
+        plan = create_ladder(out, d["ladder"], str(data), budget)
+        for t in d["targets"]:
+            print(f"{t['name']}: depth {t['depth']}, N = {si(t['N'])}, D = {si(t['D'])}, {t['steps']} steps, "
+                  f"{si(t['flops'])} FLOPs")
+        for note in d["notes"]:
+            print(f"note: {note}")
+    else:
+        plan = create_ladder(out, cfg, str(data), budget, min(targets) if targets else None)
     t = Table(title=f"ladder {out}: {len(plan['rungs'])} rungs")
     for col in ("rung", "N (non-emb)", "D tokens", "tokens/param", "steps", "batch", "lr", "FLOPs", "est. time", "est. $"):
         t.add_column(col, justify="right", no_wrap=True)
@@ -91,30 +112,43 @@ def ladder_run_cmd(ladder: Path = typer.Argument(Path("runs/ladder")), quiet: bo
 @ladder_app.command("experiment")
 def ladder_experiment_cmd(
     out: Path = typer.Option(Path("runs/scaling"), "--out", "-o", help="Experiment directory; re-running resumes it."),
-    target_flops: Optional[float] = typer.Option(None, "--target-flops",
-                                                 help=f"Compute of the target run being forecast (default {ExperimentConfig.target_flops:g})."),
-    depths: Optional[str] = typer.Option(None, "--depths", help="Ladder depths (default 2,3)."),
-    tokens: Optional[str] = typer.Option(None, "--tokens", help="Ladder token budgets, every depth (default 1e6,2e6,3e6,4e6,6e6,8e6)."),
+    target_flops: Optional[str] = typer.Option(
+        None, "--target-flops", help="Compute of each target run being forecast, comma-separated "
+        f"(default {','.join(f'{c:g}' for c in ExperimentConfig().target_flops)})."),
+    target_depths: Optional[str] = typer.Option(None, "--target-depths",
+                                                help="Depth of each target (default: the depth nearest 20 tokens/param)."),
     source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Corpus (default: default:stdlib+site)."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Catalog hardware for the cost ledger (default cpu)."),
+    aspect: Optional[int] = typer.Option(None, "--aspect", help="Model width per layer (default 32)."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Tokenizer vocabulary (default 4096)."),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="Train only this target (e.g. target2); run one "
+                                               "process per target to train them side by side once the forecasts exist."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[experiment] table sets any key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set experiment.n_boot=100"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """The recorded scaling experiment, end to end: data, ladder, fit, forecast, target run, check.
+    """The recorded scaling experiment, end to end: data, ladder, fit, forecasts, targets, checks.
 
-    The ladder is sized from the target: each rung at most 1/10 of its compute, all rungs at
-    most 1/3. The forecast is written to OUT/forecast.json before the target starts. With the
-    defaults this takes about 2 hours on 2 CPU cores. Example: lmforge ladder experiment -o runs/scaling
+    The ladder is designed from the targets (docs/scaling.md, "Designing the ladder"): depths
+    that bracket each target's, three token budgets per depth, each rung at most 1/10 and the
+    ladder at most 1/3 of the smallest target. Every target's forecast is written to
+    OUT/forecast.json, with its time, before the first target starts. With the defaults this
+    takes about 4 hours on 2 CPU cores.
+
+    Examples:
+      lmforge ladder experiment -o runs/scaling
+      lmforge ladder experiment -o runs/mine --source data/corpus --target-flops 1e15,2.5e15 --hardware H100
 
     Precedence: defaults < --config file < --set < flags.
     """
-    flags = flag_tree(sources=source or None, vocab_size=vocab_size, depths=_parse_list(depths, int, "--depths"),
-                      tokens=_parse_list(tokens, float, "--tokens"), target_flops=target_flops)
+    flags = flag_tree(sources=source or None, vocab_size=vocab_size, aspect=aspect, hardware=hardware,
+                      target_flops=_parse_list(target_flops, float, "--target-flops"),
+                      target_depths=_parse_list(target_depths, int, "--target-depths"))
     cfg = resolve_config(ExperimentConfig, "experiment", config, set_, flags)
-    r = run_experiment(out, cfg, progress=not quiet)
-    print(Path(out) / "report.md")
-    print(Path(r["plot"]))
+    r = run_experiment(out, cfg, progress=not quiet, only=target or None)
+    if "pending" not in r:
+        print(Path(out) / "report.md")
+        print(Path(r["plot"]))
 
 
 def fit_cmd(

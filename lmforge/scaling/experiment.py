@@ -1,52 +1,66 @@
 """The whole predict-then-launch workflow as one resumable function: ``lmforge ladder experiment``.
 
-    data -> tokenizer -> ladder plan (sized from the target's compute) -> ladder run -> fit
-         -> pick the target's depth and tokens from the fit -> forecast (written before launch)
-         -> target run -> check the forecast -> plot, cost ledger, report
+    data -> tokenizer -> ladder designed from the targets (design.py) -> ladder run -> fit
+         -> a forecast for every target, written with its time before any target starts
+         -> the targets, one after another -> check each forecast -> plot, cost ledger, report
 
 Every stage writes into OUT and is skipped when its output is complete, so an interrupted
 experiment picks up where it stopped (an interrupted training run resumes from its
-checkpoint). The forecast is written once, before the target starts, and never rewritten.
+checkpoint). The forecasts are written once, before the first target starts, and never rewritten.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from lmforge.cost.catalog import check_hardware
+from lmforge.cost.hw import cpu_name
 from lmforge.cost.ledger import ledger
-from lmforge.data.shards import INDEX
+from lmforge.data.shards import INDEX, open_tokens
 from lmforge.errors import LmforgeError
-from lmforge.model.model import ModelConfig, flops_per_token, param_counts
 from lmforge.rundir import atomic_write_json, atomic_write_text, is_complete, read_manifest
+from lmforge.scaling.design import design_ladder
 from lmforge.scaling.fit import Point, backtest
-from lmforge.scaling.forecast import best_depth, check_forecast, fit_runs, forecast, load_fit, plot_fit, train_with_forecast
-from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_hparams, rung_train_config, rung_warmup
+from lmforge.scaling.forecast import check_forecast, fit_runs, forecast, load_fit, load_law, plot_fit, train_with_forecast
+from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_train_config
 from lmforge.tokenizer.encode import build_token_data
 
 FORECAST_FILE = "forecast.json"
+DESIGN_FILE = "design.json"
 
 
 @dataclass
 class ExperimentConfig:
     sources: list = field(default_factory=lambda: ["default:stdlib+site"])
     vocab_size: int = 4096
-    depths: list = field(default_factory=lambda: [2, 3])
-    tokens: list = field(default_factory=lambda: [1e6, 2e6, 3e6, 4e6, 6e6, 8e6])
-    target_flops: float = 7.5e14  # the launch being forecast; rungs stay under 1/10 of it, the ladder under 1/3
+    # The launches being forecast. The ladder is designed from them (rungs <= 1/10 and the ladder
+    # <= 1/3 of the smallest); the second is > 25x the largest rung.
+    target_flops: list = field(default_factory=lambda: [2.5e14, 4.2e14])
+    target_depths: list = field(default_factory=list)  # empty: chosen by design.pick_target_depths
+    aspect: int = 32  # width per layer; small enough that a 2-core CPU can afford three depths of rungs
+    min_steps: int = 400  # the shortest rung: past the first few hundred steps' transient (docs/scaling.md, "Schedules")
+    # Sequences per step at 1M parameters (the size rule scales it by N^(1/3)): below 1M parameters the
+    # rungs are step-limited, and half the width-64 reference trains them further per token at the same speed.
+    batch_ref: int = 8
     context: int = 256
     eval_windows: int = 1024
     n_boot: int = 200
     seed: int = 1337
+    precision: str = "auto"
     hardware: str = "cpu"
 
     def __post_init__(self):
-        if self.target_flops <= 0:
-            raise LmforgeError(f"experiment.target_flops = {self.target_flops}: must be positive")
+        if isinstance(self.target_flops, (int, float)):
+            self.target_flops = [self.target_flops]
+        if not self.target_flops or any(c <= 0 for c in self.target_flops):
+            raise LmforgeError(f"experiment.target_flops = {self.target_flops}: give positive budgets")
         self.hardware = check_hardware(self.hardware, what="experiment.hardware")
 
 
@@ -59,135 +73,215 @@ def _prepare_data(cfg: ExperimentConfig, out: Path, say) -> Path:
     return data
 
 
-def target_plan(fit_dir: Path, ladder: dict, cfg: ExperimentConfig) -> dict:
-    """The target run: the depth the fit prefers for ``target_flops``, trained with the ladder's size rules."""
-    nd, _, d = load_fit(fit_dir)
-    family = d["model"]
-    # The target must not repeat data, or its loss measures memorisation the law never saw.
-    pick = best_depth(nd, cfg.target_flops, family["vocab_size"], family["context"],
-                      max_tokens=ladder["train_tokens_available"])
-    lcfg = LadderConfig(**ladder["config"])
-    model = ModelConfig(depth=pick["depth"], vocab_size=family["vocab_size"], context=family["context"])
-    hp = rung_hparams(model, lcfg)
-    tokens_per_step = hp["batch_size"] * cfg.context
-    steps = max(10, round(cfg.target_flops / flops_per_token(model) / tokens_per_step))
-    D = steps * tokens_per_step
-    return {"name": f"target-d{pick['depth']}", "depth": pick["depth"], "N": param_counts(model)["non_embedding"],
-            "D": D, "steps": steps, "flops": flops_per_token(model) * D, "lr": hp["lr"], "batch_size": hp["batch_size"],
-            "warmup_steps": rung_warmup(steps, lcfg), "tokens_per_param": D / pick["N"]}
+def _design(cfg: ExperimentConfig, out: Path, data: Path, say) -> tuple[dict, list[dict]]:
+    """The ladder plan and the targets, designed once and then read back."""
+    ladder_dir = out / "ladder"
+    if not (out / DESIGN_FILE).exists():
+        _, td = open_tokens(data)
+        # One warmup rule for rungs and targets alike: 200 steps, at most half the run (warmup_frac 0).
+        base = LadderConfig(aspect=cfg.aspect, context=cfg.context, eval_windows=cfg.eval_windows, seed=cfg.seed,
+                            precision=cfg.precision, hardware=cfg.hardware, warmup_frac=0.0, batch_ref=cfg.batch_ref)
+        d = design_ladder(cfg.target_flops, base, td.vocab_size, max_tokens=len(td.split("train")),
+                          target_depths=cfg.target_depths or None, min_steps=cfg.min_steps)
+        create_ladder(ladder_dir, d["ladder"], str(data))
+        atomic_write_json(out / DESIGN_FILE, {"targets": d["targets"], "rung_cap_flops": d["rung_cap_flops"],
+                                              "notes": d["notes"]})
+    design = json.loads((out / DESIGN_FILE).read_text())
+    ladder = load_ladder(ladder_dir)
+    largest = max(r["flops"] for r in ladder["rungs"])
+    say(f"ladder: {len(ladder['rungs'])} rungs at depths {ladder['config']['depths']}, {ladder['total_flops']:.3g} FLOPs "
+        f"({ladder['total_flops'] / min(cfg.target_flops):.1%} of the smallest target), largest rung {largest:.3g}")
+    for t in design["targets"]:
+        say(f"  {t['name']}: N={t['N']:,} D={t['D']:,} C={t['flops']:.3g} ({t['flops'] / largest:.1f}x the largest rung)")
+    for n in design["notes"]:
+        say(f"  note: {n}")
+    return ladder, design["targets"]
 
 
-def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = True) -> dict:
-    """Run (or resume) the experiment in ``out``; return the report dict (also written to report.json)."""
+def _forecasts(fit_dir: Path, targets: list[dict], out: Path) -> dict:
+    """Every target's forecast, written once before any target starts."""
+    path = out / FORECAST_FILE
+    if not path.exists():
+        made = {"made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "targets": [{"target": t, "forecast": forecast(fit_dir, t["N"], t["D"], t["flops"])} for t in targets]}
+        atomic_write_json(path, made)
+    return json.loads(path.read_text())
+
+
+def _run_target(entry: dict, ladder: dict, data: Path, fit_dir: Path, out: Path, progress: bool, say) -> Path:
+    t = entry["target"]
+    target_dir = out / t["name"]
+    tcfg = rung_train_config(t, LadderConfig(**ladder["config"]), str(data), target_dir)
+    tcfg.eval_every = max(1, t["steps"] // 10)
+    if is_complete(target_dir):
+        return target_dir
+    if not (fit_dir / "fit.json").exists():
+        raise LmforgeError(f"{fit_dir / 'fit.json'} is missing, so {t['name']} has no forecast to train against")
+    launch = target_dir.parent / f"{t['name']}.launch.json"
+    if not launch.exists():  # the first launch; the first step follows within seconds
+        atomic_write_json(launch, {"launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    fc = entry["forecast"]
+    say(f"{t['name']}: depth {t['depth']}, {t['steps']} steps; forecast {fc['loss']:.4f} "
+        f"80% [{fc['interval_80'][0]:.4f}, {fc['interval_80'][1]:.4f}]")
+    train_with_forecast(tcfg, fit_dir / "fit.json", resume="auto", progress=progress)
+    return target_dir
+
+
+def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = True, only: list[str] | None = None) -> dict:
+    """Run (or resume) the experiment in ``out``; return the report dict (also written to report.json).
+
+    ``only`` trains just the named targets (``target2-d4``, or ``target2``), so separate processes
+    or machines can train targets side by side once the forecasts exist; the report is written by
+    whichever call finds every target finished, and until then the return value lists the pending ones."""
     cfg = cfg or ExperimentConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
-    t0 = time.time()
     cfg_path = out / "experiment.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(json.dumps(asdict(cfg))):
         raise LmforgeError(f"{cfg_path}: {out} holds an experiment with a different config; use a new --out")
     atomic_write_json(cfg_path, asdict(cfg))
 
     data = _prepare_data(cfg, out, say)
-
+    ladder, targets = _design(cfg, out, data, say)
     ladder_dir = out / "ladder"
-    if not (ladder_dir / "ladder.json").exists():
-        lcfg = LadderConfig(depths=list(cfg.depths), tokens=list(cfg.tokens), context=cfg.context,
-                            eval_windows=cfg.eval_windows, seed=cfg.seed, hardware=cfg.hardware)
-        create_ladder(ladder_dir, lcfg, str(data), target_flops=cfg.target_flops)
-    ladder = load_ladder(ladder_dir)
     if len(ladder["rungs"]) < 5:
-        raise LmforgeError(f"{ladder_dir}: only {len(ladder['rungs'])} rungs fit under the target's limits (each rung "
-                           f"<= {cfg.target_flops / 10:.3g} FLOPs, all <= {cfg.target_flops / 3:.3g}), and a fit needs 5; "
-                           "raise --target-flops or add smaller depths or token budgets")
-    say(f"ladder: {len(ladder['rungs'])} rungs, {ladder['total_flops']:.3g} FLOPs "
-        f"({ladder['total_flops'] / cfg.target_flops:.1%} of the target's), largest rung "
-        f"{max(r['flops'] for r in ladder['rungs']):.3g} FLOPs")
-    t_ladder = time.time()
+        raise LmforgeError(f"{ladder_dir}: only {len(ladder['rungs'])} rungs fit the rules, and a fit needs 5; "
+                           "raise --target-flops")
     run_ladder(ladder_dir, progress=progress)
-    ladder_wall = time.time() - t_ladder
-
     fit_dir = out / "fit"
-    fit_runs([ladder_dir], fit_dir, n_boot=cfg.n_boot)
-    target = target_plan(fit_dir, ladder, cfg)
-    fc_path = out / FORECAST_FILE
-    if not fc_path.exists():
-        fc = forecast(fit_dir, target["N"], target["D"], target["flops"])
-        atomic_write_json(fc_path, {"made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "target": target, "forecast": fc})
-    made = json.loads(fc_path.read_text())
-    fc, target = made["forecast"], made["target"]
-    say(f"forecast for {target['name']} (N={target['N']:.3g}, D={target['D']:.3g}, C={target['flops']:.3g}): "
-        f"{fc['loss']:.4f}, 80% [{fc['interval_80'][0]:.4f}, {fc['interval_80'][1]:.4f}], "
-        f"95% [{fc['interval_95'][0]:.4f}, {fc['interval_95'][1]:.4f}] (made {made['made_at']})")
-
-    target_dir = out / "target"
-    tcfg = rung_train_config(target, LadderConfig(**ladder["config"]), str(data), target_dir)
-    tcfg.eval_every = max(1, target["steps"] // 10)
-    if not is_complete(target_dir):
-        say(f"target: depth {target['depth']}, {target['steps']} steps -> {target_dir}")
-        train_with_forecast(tcfg, fit_dir / "fit.json", resume="auto", progress=progress)
-    check = check_forecast(target_dir)
-    png = plot_fit(fit_dir, out / "scaling.png", forecast_point=fc, actual=check["actual"])
-
-    nd, c, fitd = load_fit(fit_dir)
-    ledg = ledger([ladder_dir, target_dir])
-    rungs = []
-    for r in ladder["rungs"]:
-        m = read_manifest(ladder_dir / "rungs" / r["name"])["metrics"]
-        rungs.append({"name": r["name"], "N": r["N"], "D": m["tokens"], "tokens_per_param": m["tokens"] / r["N"],
-                      "flops": m["model_flops"], "epochs": m["epochs"], "val_loss": m["final_val_loss"],
-                      "train_time_s": m["train_time_s"], "batch_size": r["batch_size"], "lr": r["lr"],
-                      "fitted": nd.predict(r["N"], m["tokens"])})
-    tm = read_manifest(target_dir)["metrics"]
-    report = {
-        "config": asdict(cfg), "corpus_hash": read_manifest(data)["metrics"].get("corpus_hash"),
-        "train_tokens_available": ladder["train_tokens_available"], "rungs": rungs,
-        "backtest": backtest([Point(**q) for q in fitd["points"]]),
-        "fit": {"params": nd.params, "stderr": nd.stderr, "rmse_log": nd.rmse_log, "warnings": nd.warnings,
-                "compute_only": {"params": c.params, "stderr": c.stderr, "rmse_log": c.rmse_log}},
-        "target": {**target, "epochs": tm["epochs"], "train_time_s": tm["train_time_s"], "val_loss": tm["final_val_loss"],
-                   "mfu": tm.get("mfu"), "guard": tm.get("guard")},
-        "forecast": {**fc, "made_at": made["made_at"]}, "check": check,
-        "ladder_share_of_flops": ledg["groups"].get(f"ladder:{ladder_dir.name}", {}).get("share_of_flops"),
-        "ledger_total": ledg["total"], "ladder_wall_s_this_call": round(ladder_wall, 1),
-        "wall_s_this_call": round(time.time() - t0, 1), "plot": str(png),
-    }
+    if not (fit_dir / "fit.json").exists() or not (out / FORECAST_FILE).exists():
+        fit_runs([ladder_dir], fit_dir, n_boot=cfg.n_boot)
+    made = _forecasts(fit_dir, targets, out)
+    if not (out / "prelaunch.json").exists():
+        write_prelaunch_record(out, ladder, made)
+    say(f"forecasts made {made['made_at']} (record: {out / 'prelaunch.json'})")
+    names = [e["target"]["name"] for e in made["targets"]]
+    unknown = [n for n in only or [] if not any(n in (full, full.split("-")[0]) for full in names)]
+    if unknown:
+        raise LmforgeError(f"--target {', '.join(unknown)}: no such target; this experiment's are {', '.join(names)}")
+    for e in made["targets"]:
+        name = e["target"]["name"]
+        if not only or any(n in (name, name.split("-")[0]) for n in only):
+            _run_target(e, ladder, data, fit_dir, out, progress, say)
+    pending = [n for n in names if not is_complete(out / n)]
+    if pending:
+        say(f"waiting for {', '.join(pending)}; run the experiment again once they finish for the report")
+        return {"pending": pending}
+    target_dirs = [out / n for n in names]
+    report = build_report(out, cfg, ladder, made, target_dirs)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_report(report))
-    say(f"forecast {check['forecast']:.4f} vs actual {check['actual']:.4f}: error {check['error_pct']:+.2f}%, "
-        f"{'inside' if check['in_80'] else 'outside'} the 80% interval; report in {out / 'report.md'}")
+    for t in report["targets"]:
+        say(f"{t['name']}: forecast {t['forecast']:.4f} vs actual {t['actual']:.4f}: error {t['error_pct']:+.2f}%, "
+            f"{'inside' if t['in_80'] else 'outside'} the 80% interval")
+    say(f"report in {out / 'report.md'}")
     return report
+
+
+def rung_rows(ladder_dir: Path, ladder: dict, nd) -> list[dict]:
+    """Each finished rung's size, budget, hyperparameters, result and the fitted law's value for it."""
+    rows = []
+    for r in ladder["rungs"]:
+        m = read_manifest(ladder_dir / "rungs" / r["name"])["metrics"]
+        rows.append({"name": r["name"], "depth": r["depth"], "N": r["N"], "D": m["tokens"], "steps": r["steps"],
+                     "warmup_steps": r["warmup_steps"], "tokens_per_param": m["tokens"] / r["N"],
+                     "flops": m["model_flops"], "epochs": m["epochs"], "val_loss": m["final_val_loss"],
+                     "train_time_s": m["train_time_s"], "batch_size": r["batch_size"], "lr": r["lr"],
+                     "precision": m.get("precision"), "fitted": nd.predict(r["N"], m["tokens"])})
+    return rows
+
+
+def write_prelaunch_record(out: Path, ladder: dict, made: dict) -> Path:
+    """``prelaunch.json``: what was known when the forecasts were made (the rungs, the chosen law,
+    the forecasts and their time), for committing before any target trains."""
+    nd, _, fitd = load_fit(out / "fit")
+    law = load_law(fitd)
+    rec = {"corpus_hash": read_manifest(out / "data")["metrics"].get("corpus_hash"),
+           "design": json.loads((out / DESIGN_FILE).read_text()), "ladder_flops": ladder["total_flops"],
+           "rungs": rung_rows(out / "ladder", ladder, nd),
+           "fit": {"form": law.chosen if law else "ND", "params": nd.params, "rmse_log": nd.rmse_log,
+                   "selection": law.selection if law else None},
+           "forecasts": made, "machine": {"cpu": cpu_name(), "torch": torch.__version__}}
+    atomic_write_json(out / "prelaunch.json", rec)
+    return out / "prelaunch.json"
+
+
+def build_report(out: Path, cfg: ExperimentConfig, ladder: dict, made: dict, target_dirs: list[Path]) -> dict:
+    """Everything the recorded experiment reports, from the run directories."""
+    ladder_dir, fit_dir = out / "ladder", out / "fit"
+    nd, c, fitd = load_fit(fit_dir)
+    law = load_law(fitd)
+    rungs = rung_rows(ladder_dir, ladder, nd)
+    precisions = {r["precision"] for r in rungs}
+    targets = []
+    for entry, tdir in zip(made["targets"], target_dirs):
+        t, fc = entry["target"], entry["forecast"]
+        m = read_manifest(tdir)["metrics"]
+        precisions.add(m.get("precision"))
+        launch = json.loads((tdir.parent / f"{t['name']}.launch.json").read_text())
+        chk = check_forecast(tdir)
+        targets.append({**t, "forecast": fc["loss"], "interval_80": fc["interval_80"], "interval_95": fc["interval_95"],
+                        "warnings": fc.get("warnings", []), "forecast_made_at": made["made_at"],
+                        "launched_at": launch["launched_at"], "actual": chk["actual"], "error_pct": chk["error_pct"],
+                        "in_80": chk["in_80"], "in_95": chk["in_95"], "largest_rung_ratio": t["flops"] / max(
+                            r["flops"] for r in rungs), "epochs": m["epochs"], "train_time_s": m["train_time_s"],
+                        "mfu": m.get("mfu"), "guard": m.get("guard")})
+    points = [Point(**q) for q in fitd["points"]]
+    ledg = ledger([ladder_dir, *target_dirs])
+    fcs = [{**e["forecast"], "actual": t["actual"]} for e, t in zip(made["targets"], targets)]
+    png = plot_fit(fit_dir, out / "scaling.png", forecasts=fcs)
+    return {
+        "config": asdict(cfg), "corpus_hash": read_manifest(out / "data")["metrics"].get("corpus_hash"),
+        "train_tokens_available": ladder["train_tokens_available"],
+        "machine": {"cpu": cpu_name(), "platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "precision": sorted(p for p in precisions if p), "rungs": rungs,
+        "ladder_flops": ladder["total_flops"], "design_notes": json.loads((out / DESIGN_FILE).read_text())["notes"],
+        "fit": {"form": law.chosen if law else "ND", "params": nd.params, "stderr": nd.stderr, "rmse_log": nd.rmse_log,
+                "warnings": nd.warnings, "selection": law.selection if law else None, "backtest_calibration": law.backtests if law else None,
+                "backtest": backtest(points),
+                "compute_only": {"params": c.params, "stderr": c.stderr, "rmse_log": c.rmse_log}},
+        "targets": targets,
+        "ladder_share_of_flops": ledg["groups"].get(f"ladder:{ladder_dir.name}", {}).get("share_of_flops"),
+        "ledger_total": ledg["total"], "plot": str(png),
+    }
 
 
 def render_report(r: dict) -> str:
     """The report as Markdown tables, ready to paste into docs/scaling.md."""
-    lines = ["| rung | N (non-emb) | D tokens | tokens/param | epochs | batch | lr | FLOPs | train time | val loss | fit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rung | N (non-emb) | D tokens | tokens/param | steps | warmup | batch | lr | FLOPs | train time | val loss | fit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in r["rungs"]:
-        lines.append(f"| {g['name']} | {g['N']:,} | {g['D']:,} | {g['tokens_per_param']:.1f} | {g['epochs']:.3f} | "
-                     f"{g['batch_size']} | {g['lr']:.2g} | {g['flops']:.3g} | {g['train_time_s']:.0f} s | "
-                     f"{g['val_loss']:.4f} | {g['fitted']:.4f} |")
+        lines.append(f"| {g['name']} | {g['N']:,} | {g['D']:,} | {g['tokens_per_param']:.1f} | {g['steps']} | "
+                     f"{g['warmup_steps']} | {g['batch_size']} | {g['lr']:.2g} | {g['flops']:.3g} | "
+                     f"{g['train_time_s']:.0f} s | {g['val_loss']:.4f} | {g['fitted']:.4f} |")
     f = r["fit"]
-    lines += ["", "| parameter | value | bootstrap s.e. |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v:.4g} | {f['stderr'].get(k, math.nan):.2g} |" for k, v in f["params"].items()]
+    lines += ["", f"chosen form: **{f['form']}**", "", "| parameter | value | bootstrap s.e. |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.4g} | {f['stderr'].get(k, math.nan) or math.nan:.2g} |" for k, v in f["params"].items()]
     lines += ["", f"log-residual RMS {f['rmse_log']:.4f}; warnings: {'; '.join(f['warnings']) or 'none'}"]
-    for b in r.get("backtest", []):
-        lines += [f"backtest: refitted without {b['name']} ({b['compute_vs_fitted']:.2g}x the compute of the largest "
-                  f"rung left in), the law predicts {b['predicted']:.4f} for it; actual {b['actual']:.4f}, "
-                  f"error {b['error_pct']:+.2f}%"]
-    t, fc, ck = r["target"], r["forecast"], r["check"]
-    lines += ["", "| | |", "|---|---|",
-              f"| target | depth {t['depth']}, N = {t['N']:,}, D = {t['D']:,} ({t['tokens_per_param']:.1f} tokens/param, "
-              f"{t['epochs']:.3f} epochs), C = {t['flops']:.3g} FLOPs |",
-              f"| forecast (made {fc['made_at']}) | {fc['loss']:.4f} |",
-              f"| 80% interval | [{fc['interval_80'][0]:.4f}, {fc['interval_80'][1]:.4f}] |",
-              f"| 95% interval | [{fc['interval_95'][0]:.4f}, {fc['interval_95'][1]:.4f}] |",
-              f"| actual final val loss | {ck['actual']:.4f} |",
-              f"| error | {ck['error_pct']:+.2f}% ({'inside' if ck['in_80'] else 'outside'} the 80% interval, "
-              f"{'inside' if ck['in_95'] else 'outside'} the 95%) |",
-              f"| target train time | {t['train_time_s']:.0f} s (MFU {t['mfu'] or 0:.1%}) |",
-              f"| ladder share of all FLOPs | {r['ladder_share_of_flops']:.1%} |",
-              f"| total | {r['ledger_total']['flops']:.3g} FLOPs, {r['ledger_total']['wall_s'] / 3600:.2f} h, "
-              f"{r['ledger_total']['kwh']:.3f} kWh, ${r['ledger_total']['usd']:.3f}, {r['ledger_total']['co2_kg']:.3f} kg CO2 |"]
+    for note in r.get("design_notes", []):
+        lines += [f"design: {note}"]
+    lines += ["", "| | " + " | ".join(t["name"] for t in r["targets"]) + " |",
+              "|---|" + "---:|" * len(r["targets"])]
+
+    def row(label, fn):
+        lines.append(f"| {label} | " + " | ".join(fn(t) for t in r["targets"]) + " |")
+
+    row("depth, N", lambda t: f"{t['depth']}, {t['N']:,}")
+    row("D tokens (tokens/param, epochs)", lambda t: f"{t['D']:,} ({t['tokens_per_param']:.0f}, {t['epochs']:.2f})")
+    row("compute", lambda t: f"{t['flops']:.3g} FLOPs ({t['largest_rung_ratio']:.1f}x the largest rung)")
+    row("forecast made", lambda t: t["forecast_made_at"])
+    row("launched", lambda t: t["launched_at"])
+    row("forecast", lambda t: f"{t['forecast']:.4f}")
+    row("80% interval", lambda t: f"[{t['interval_80'][0]:.4f}, {t['interval_80'][1]:.4f}]")
+    row("95% interval", lambda t: f"[{t['interval_95'][0]:.4f}, {t['interval_95'][1]:.4f}]")
+    row("actual final val loss", lambda t: f"{t['actual']:.4f}")
+    row("error", lambda t: f"{t['error_pct']:+.2f}% ({'inside' if t['in_80'] else 'outside'} 80%, "
+                           f"{'inside' if t['in_95'] else 'outside'} 95%)")
+    row("train time", lambda t: f"{t['train_time_s']:.0f} s (MFU {t['mfu'] or 0:.1%})")
+    tot = r["ledger_total"]
+    lines += ["", f"ladder: {r['ladder_flops']:.3g} FLOPs, {r['ladder_share_of_flops']:.1%} of all; total "
+              f"{tot['flops']:.3g} FLOPs, {tot['wall_s'] / 3600:.2f} h, {tot['kwh']:.3f} kWh, ${tot['usd']:.3f}, "
+              f"{tot['co2_kg']:.3f} kg CO2; precision {', '.join(r['precision'])} on {r['machine']['cpu']}"]
     return "\n".join(lines) + "\n"

@@ -411,6 +411,9 @@ def _unfittable(points: list[Point], idx) -> str | None:
     return None
 
 
+REACH_MIN = 1.5  # a backtest's held-out runs lie at least this far beyond what it fits
+
+
 def _splits(points: list[Point], holdout_fraction: float = HOLDOUT_FRACTION) -> list[dict]:
     """The two backtests: the top-compute rungs predicted from the rest (extrapolation in C), and
     every rung of the largest model predicted from the smaller ones (extrapolation in N)."""
@@ -418,11 +421,17 @@ def _splits(points: list[Point], holdout_fraction: float = HOLDOUT_FRACTION) -> 
     order = sorted(range(n), key=lambda i: points[i].C)
     top = {"name": "top_compute", "axis": "C"}
     for k in range(max(1, round(holdout_fraction * n)), 0, -1):
-        if _unfittable(points, order[:-k]) is None:
-            top.update(train=sorted(order[:-k]), held=sorted(order[-k:]))
+        # A designed ladder puts several rungs at the same cap: hold out every run within REACH_MIN
+        # of the held-out ones, or the backtest would "extrapolate" by 1.0x and measure nothing.
+        floor = points[order[-k]].C / REACH_MIN
+        held = [i for i in order if points[i].C > floor]
+        train = [i for i in order if points[i].C <= floor]
+        if _unfittable(points, train) is None:
+            top.update(train=sorted(train), held=sorted(held))
             break
     else:
-        top["skipped"] = f"holding out even the largest run leaves too little: {_unfittable(points, order[:-1])}"
+        top["skipped"] = (f"holding out the largest runs (and those within {REACH_MIN}x of them) leaves too little: "
+                          f"{_unfittable(points, order[:-1])}")
     sizes = sorted({round(p.N) for p in points})
     big = [i for i, p in enumerate(points) if round(p.N) == sizes[-1]]
     rest = [i for i in range(n) if i not in big]

@@ -39,7 +39,7 @@ def expand_runs(paths) -> list[Path]:
 def collect_points(paths) -> tuple[list[Point], dict]:
     """Final val losses of finished train runs, refusing unfinished runs and mixed data or tokenizers."""
     runs = expand_runs(paths)
-    unfinished, points, keys = [], [], {}
+    unfinished, points, keys, aspects = [], [], {}, set()
     for r in runs:
         m = r / MANIFEST
         man = json.loads(m.read_text()) if m.exists() else {}
@@ -52,6 +52,7 @@ def collect_points(paths) -> tuple[list[Point], dict]:
         key = (inputs.get("data", {}).get("token_index_hash"), inputs.get("tokenizer", {}).get("hash"),
                model.get("vocab_size"), model.get("context"))
         keys.setdefault(key, []).append(str(r))
+        aspects.add(model.get("aspect", 64))
         points.append(Point(N=float(met["params_non_embedding"]), D=float(met["tokens"]), loss=float(met["final_val_loss"]),
                             C=float(met["model_flops"]), name=r.name))
     if unfinished:
@@ -64,7 +65,7 @@ def collect_points(paths) -> tuple[list[Point], dict]:
     key = list(keys)[0] if keys else (None, None, None, None)
     # The model family (vocab, context) lets a plan turn a budget into a depth on the same dial.
     meta = {"runs": [str(r) for r in runs], "data_hashes": list(key[:2]),
-            "model": {"vocab_size": key[2], "context": key[3]}}
+            "model": {"vocab_size": key[2], "context": key[3], "aspect": aspects.pop() if len(aspects) == 1 else None}}
     return points, meta
 
 
@@ -140,13 +141,13 @@ def forecast(fit_path, N: float, D: float, C: float | None = None) -> dict:
 
 
 def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_depth: int = 64,
-                  max_tokens: float | None = None) -> list[dict]:
+                  max_tokens: float | None = None, aspect: int = 64) -> list[dict]:
     """Every depth on the dial that can spend ``flops`` on at least one token per parameter (and, with
     ``max_tokens``, on no more tokens than the data holds: no repeated data), with its N, D (from the
     real FLOPs per token, embeddings and attention included) and predicted loss."""
     out = []
     for depth in range(1, max_depth + 1):
-        cfg = ModelConfig(depth=depth, vocab_size=vocab_size, context=context)
+        cfg = ModelConfig(depth=depth, aspect=aspect, vocab_size=vocab_size, context=context)
         N, fpt = param_counts(cfg)["non_embedding"], flops_per_token(cfg)
         D = flops / fpt
         if D < N:
@@ -158,14 +159,15 @@ def depth_options(nd: ScalingFit, flops: float, vocab_size: int, context: int, m
     return out
 
 
-def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_tokens: float | None = None) -> dict:
+def best_depth(nd: ScalingFit, flops: float, vocab_size: int, context: int, max_tokens: float | None = None,
+               aspect: int = 64) -> dict:
     """The depth whose run of ``flops`` the fitted law predicts to end lowest."""
-    opts = depth_options(nd, flops, vocab_size, context, max_tokens=max_tokens)
-    if not opts and max_tokens is not None and depth_options(nd, flops, vocab_size, context):
+    opts = depth_options(nd, flops, vocab_size, context, max_tokens=max_tokens, aspect=aspect)
+    if not opts and max_tokens is not None and depth_options(nd, flops, vocab_size, context, aspect=aspect):
         raise LmforgeError(f"every depth that can use {flops:.3g} FLOPs would need more than the {max_tokens:.3g} "
                            "train tokens the data holds; add data or lower the budget")
     if not opts:
-        cfg = ModelConfig(depth=1, vocab_size=vocab_size, context=context)
+        cfg = ModelConfig(depth=1, aspect=aspect, vocab_size=vocab_size, context=context)
         need = flops_per_token(cfg) * param_counts(cfg)["non_embedding"]
         raise LmforgeError(f"a budget of {flops:.3g} FLOPs is too small for even the smallest model: depth 1 needs "
                            f"{need:.3g} FLOPs for one token per parameter")
@@ -254,7 +256,8 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
                        interval_80=iv["interval_80"], interval_95=iv["interval_95"], form=nd.form)
             family = d.get("model") or {}
             if family.get("vocab_size") and family.get("context"):
-                pick = best_depth(nd, flops, family["vocab_size"], family["context"], max_tokens)
+                pick = best_depth(nd, flops, family["vocab_size"], family["context"], max_tokens,
+                                  aspect=family.get("aspect") or 64)
                 fc = forecast(fit_path, pick["N"], pick["D"], flops)
                 out["depth_plan"] = {**pick, "interval_80": fc["interval_80"], "interval_95": fc["interval_95"],
                                      "vocab_size": family["vocab_size"], "context": family["context"]}
@@ -263,7 +266,10 @@ def plan_compute(fit_path, flops: float | None = None, dollars: float | None = N
     return out
 
 
-def plot_fit(fit_path, out_png, forecast_point: dict | None = None, actual: float | None = None) -> Path:
+def plot_fit(fit_path, out_png, forecast_point: dict | None = None, actual: float | None = None,
+             forecasts: list[dict] | None = None) -> Path:
+    """The rungs, the fitted law and L(C); each forecast (``forecast_point``, or ``forecasts``
+    whose entries may carry an ``actual``) with its 80% and 95% intervals and the actual loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,18 +291,18 @@ def plot_fit(fit_path, out_png, forecast_point: dict | None = None, actual: floa
             # curve uses the same FLOPs per token rather than 6N
             per_token = sel[0].C / sel[0].D
             ax.plot(per_token * Ds, [nd.predict(N, D) for D in Ds], color=col, lw=1, alpha=0.7)
-    Cmax = max(p.C for p in pts) * (30 if not forecast_point else max(2, forecast_point["C"] / max(p.C for p in pts) * 2))
+    forecasts = list(forecasts or []) + ([{**forecast_point, "actual": actual}] if forecast_point else [])
+    Cmax = max([max(p.C for p in pts) * 30] if not forecasts else [f["C"] * 2 for f in forecasts])
     Cs = np.logspace(np.log10(min(p.C for p in pts) / 2), np.log10(Cmax), 100)
     ax.plot(Cs, [c.predict(C=x) for x in Cs], "k--", lw=1, label="L(C) fit")
-    if forecast_point:
-        fc = forecast_point
+    for i, fc in enumerate(forecasts):
         lo, hi = fc["interval_95"]
         lo80, hi80 = fc["interval_80"]
         ax.errorbar([fc["C"]], [fc["loss"]], yerr=[[fc["loss"] - lo], [hi - fc["loss"]]], fmt="none", ecolor="C3", capsize=4, lw=1)
         ax.errorbar([fc["C"]], [fc["loss"]], yerr=[[fc["loss"] - lo80], [hi80 - fc["loss"]]], fmt="s", color="C3", capsize=0, lw=3,
-                    label="forecast (80% / 95%)")
-        if actual is not None:
-            ax.scatter([fc["C"]], [actual], marker="*", s=160, color="C1", zorder=4, label=f"actual {actual:.3f}")
+                    label="forecast (80% / 95%)" if i == 0 else None)
+        if fc.get("actual") is not None:
+            ax.scatter([fc["C"]], [fc["actual"]], marker="*", s=160, color="C1", zorder=4, label=f"actual {fc['actual']:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel("final validation loss (nats/token)")

@@ -47,6 +47,8 @@ class LadderConfig:
     multipliers: list = field(default_factory=lambda: [1, 2, 5, 10])  # x 20 tokens per parameter
     tokens_per_param: float = 20.0
     tokens: list = field(default_factory=list)  # fixed token budgets for every depth, instead of multipliers
+    budgets: dict = field(default_factory=dict)  # {"depth": [tokens, ...]} per depth, from design_ladder; overrides both
+    aspect: int = 64  # width per layer (model.aspect): d_model = aspect * depth
     context: int = 256
     lr_ref: float = 3e-3
     d_ref: int = 128
@@ -96,15 +98,16 @@ def plan_ladder(cfg: LadderConfig, data_dir: str, vocab_size: int, budget_flops:
     peak = hw.peak("fp32" if cfg.precision == "fp32" else "bf16")
     rungs = []
     for depth in cfg.depths:
-        model = ModelConfig(depth=depth, vocab_size=cfg.vocab_size or vocab_size, context=cfg.context)
+        model = ModelConfig(depth=depth, aspect=cfg.aspect, vocab_size=cfg.vocab_size or vocab_size, context=cfg.context)
         hp = rung_hparams(model, cfg)
         if cfg.eval_windows % hp["batch_size"]:
             raise LmforgeError(f"ladder.eval_windows = {cfg.eval_windows} is not a multiple of depth {depth}'s batch size "
                                f"{hp['batch_size']}; use a power of two so every rung sees the same val windows")
         N = param_counts(model)["non_embedding"]
         fpt = flops_per_token(model)
-        budgets = [(f"{t / 1e6:g}M", t) for t in cfg.tokens] or [(f"x{m:g}", m * cfg.tokens_per_param * N)
-                                                                  for m in cfg.multipliers]
+        budgets = ([(f"{t / 1e6:.3g}M", t) for t in cfg.budgets.get(str(depth), [])]
+                   or [(f"{t / 1e6:g}M", t) for t in cfg.tokens]
+                   or [(f"x{m:g}", m * cfg.tokens_per_param * N) for m in cfg.multipliers])
         for label, tokens_target in budgets:
             tokens_per_step = hp["batch_size"] * cfg.context
             steps = max(10, math.ceil(tokens_target / tokens_per_step))
@@ -146,7 +149,7 @@ def target_limits(target_flops: float) -> dict:
 def rung_train_config(rung: dict, cfg: LadderConfig, data_dir: str, out_dir: Path) -> TrainConfig:
     return TrainConfig(
         data=str(data_dir), out=str(out_dir),
-        model=ModelConfig(depth=rung["depth"], vocab_size=cfg.vocab_size, context=cfg.context),
+        model=ModelConfig(depth=rung["depth"], aspect=cfg.aspect, vocab_size=cfg.vocab_size, context=cfg.context),
         batch_size=rung["batch_size"], max_steps=rung["steps"], lr=rung["lr"], warmup_steps=rung["warmup_steps"],
         schedule=cfg.schedule, eval_every=0, eval_batches=cfg.eval_windows // rung["batch_size"],
         ckpt_every=max(50, rung["steps"] // 5),
