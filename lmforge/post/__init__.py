@@ -1,0 +1,1 @@
+"""Post-training: chat data, supervised fine-tuning, preference tuning, distillation."""

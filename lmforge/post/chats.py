@@ -1,0 +1,100 @@
+"""Chat data in the ``messages`` format (OpenAI, TRL): read, validate, render, mask.
+
+One conversation per JSONL line: ``{"messages": [{"role": "system"|"user"|"assistant",
+"content": "..."}]}``. A bad line is an error naming the file and line, or, with
+``skip_bad``, a counted skip; nothing is skipped silently.
+
+Rendering follows the tokenizer's chat template (``<|role|>content<|end|>`` per turn) piece
+by piece, so every token is known to belong to a role: the loss mask marks the assistant's
+content and its closing ``<|end|>``, which teaches the model to stop. The chat tokens are
+atomic in the tokenizer, so the pieces tokenize exactly as the whole rendered text does
+(``tests/test_post_chats.py`` checks it token by token).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer.io import SPECIAL_NAMES, SPECIAL_TOKENS
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatSet:
+    conversations: list = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> lines skipped with skip_bad
+
+
+def check_messages(messages) -> str | None:
+    """Why ``messages`` is not a usable conversation, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object with 'role' and 'content'"
+        if m.get("role") not in ROLES:
+            return f"messages[{i}].role = {m.get('role')!r}: use one of {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            return f"messages[{i}].content is empty or not a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn: nothing to learn from"
+    return None
+
+
+def read_chats(path, skip_bad: bool = False) -> ChatSet:
+    """Every conversation in a JSONL file; a bad line raises ``FILE:LINE: why`` unless ``skip_bad``."""
+    path = Path(path)
+    if not path.exists():
+        raise LmforgeError(f"{path}: no such file; give a JSONL file with one {{\"messages\": [...]}} per line")
+    out = ChatSet()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                why, reason = f"not JSON ({e.msg})", "not_json"
+            else:
+                why = "'messages' is missing" if not isinstance(row, dict) or "messages" not in row else \
+                    check_messages(row["messages"])
+                reason = "bad_messages"
+            if why is None:
+                out.conversations.append(row["messages"])
+            elif skip_bad:
+                out.skipped[reason] += 1
+            else:
+                raise LmforgeError(f"{path}:{lineno}: {why}; fix the line or pass --skip-bad to skip and count such lines")
+    if not out.conversations:
+        raise LmforgeError(f"{path}: no usable conversations" + (f" ({dict(out.skipped)} skipped)" if out.skipped else ""))
+    return out
+
+
+def chat_token_ids(tok) -> dict:
+    """The ids of the chat tokens, or an error saying the tokenizer cannot render chats."""
+    ids = {name: tok.token_to_id(t) for name, t in zip(SPECIAL_NAMES, SPECIAL_TOKENS)}
+    missing = [t for name, t in zip(SPECIAL_NAMES, SPECIAL_TOKENS) if ids[name] is None and name != "pad"]
+    if missing:
+        raise LmforgeError(f"the tokenizer lacks the chat tokens {', '.join(missing)}; train it with "
+                           "`lmforge tokenizer` (which adds them) or use a base model whose tokenizer has them")
+    return ids
+
+
+def render(messages: list, tok, ids: dict, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it is trained on (the
+    assistant's content and its closing ``<|end|>``)."""
+    tokens, mask = [], []
+    for m in messages:
+        body = tok.encode(m["content"], add_special_tokens=False).ids
+        learn = m["role"] == "assistant"
+        tokens += [ids[m["role"]], *body, ids["end"]]
+        mask += [False] + [learn] * (len(body) + 1)
+    if add_generation_prompt:
+        tokens.append(ids["assistant"])
+        mask.append(False)
+    return tokens, mask
