@@ -237,6 +237,19 @@ def test_experiment_preset_forecasts_before_the_targets_and_resumes(medium_data,
         run_experiment(out, ExperimentConfig(**{**cfg.__dict__, "target_flops": [4e11, 5e11]}), progress=False)
 
 
+def test_ladder_plan_designs_from_targets(tiny_data, tmp_path):
+    res = run_cli("ladder", "plan", "--data", tiny_data[0], "-o", tmp_path / "lad", "--target-flops", "2e13,4e13",
+                  "--design", "--target-depths", "2,3", "--set", "ladder.aspect=16", "--context", "64",
+                  "--set", "ladder.eval_windows=64")
+    assert res.returncode == 0, res.stderr
+    plan = load_ladder(tmp_path / "lad")
+    assert sorted({r["depth"] for r in plan["rungs"]}) == [2, 3, 4] and len(plan["rungs"]) == 9
+    assert max(r["flops"] for r in plan["rungs"]) <= 2e13 / 10 and plan["total_flops"] <= 2e13 / 3
+    assert "target2-d3: depth 3" in res.stdout and "epochs of the" in res.stdout  # the tiny data is far too small
+    res = run_cli("ladder", "plan", "--data", tiny_data[0], "-o", tmp_path / "lad2", "--design")
+    assert res.returncode == 2 and "--design needs --target-flops" in res.stderr
+
+
 def test_ladder_plan_reads_its_config_file_and_flags_still_win(tiny_data, tmp_path):
     conf = tmp_path / "ladder.toml"
     conf.write_text('[ladder]\ndepths = [1, 2]\nmultipliers = [1, 3]\ncontext = 32\nhardware = "cpu"\nbatch_ref = 4\n'

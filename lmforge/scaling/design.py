@@ -92,7 +92,11 @@ def design_ladder(target_flops: list[float], cfg: LadderConfig, vocab_size: int,
     if not target_flops or any(c <= 0 for c in target_flops):
         raise LmforgeError("--target-flops: give one or more positive budgets, e.g. 1.7e14,2.7e14")
     if target_depths:
-        return _design(target_flops, list(target_depths), cfg, vocab_size, **rules)
+        d = _design(target_flops, list(target_depths), cfg, vocab_size, **rules)
+        d["notes"] += [f"{t['name']} would see {t['D'] / max_tokens:.2g} epochs of the {max_tokens:.3g} train tokens: "
+                       "repeated data the ladder never saw; add data or choose a deeper target"
+                       for t in d["targets"] if t["D"] > max_tokens]
+        return d
     picked = pick_target_depths(target_flops, cfg, vocab_size, max_tokens)
     depths = list(picked)
     while True:
