@@ -14,8 +14,9 @@ The rules, in order:
    ``min_steps`` steps up to the rung cap, spanning at least ``min_span`` (2x); a depth whose
    cap allows less cannot be used. The shallow depths, cheap per token, reach far in D; the
    deep ones pin down N.
-4. **Compute.** No rung above ``1/rung_share`` of the smallest target's compute, and the
-   whole ladder at most ``1/ladder_share`` of it: the cap starts at the first and shrinks by
+4. **Compute.** No rung above ``1/rung_share`` of the smallest target's compute (nor, with two
+   targets or more, above ``1/top_share`` of the largest's), and the whole ladder at most
+   ``1/ladder_share`` of the smallest: the cap starts at the first and shrinks by
    5% at a time until the second holds.
 
 Every rung and target gets the same size rules for lr, batch and warmup
@@ -114,11 +115,14 @@ def design_ladder(target_flops: list[float], cfg: LadderConfig, vocab_size: int,
 
 
 def _design(target_flops: list[float], depths_t: list[int], cfg: LadderConfig, vocab_size: int, per_depth: int = 3,
-            min_steps: int = 200, rung_share: float = 10.0, ladder_share: float = 3.0, min_span: float = 2.0) -> dict:
+            min_steps: int = 200, rung_share: float = 10.0, ladder_share: float = 3.0, min_span: float = 2.0,
+            top_share: float = 25.0) -> dict:
     if len(depths_t) != len(target_flops) or len(set(depths_t)) != len(depths_t) or min(depths_t) < 2:
         raise LmforgeError(f"target depths {depths_t}: give one distinct depth of at least 2 per target budget")
     smallest = min(target_flops)
     lo, hi = max(2, min(depths_t) - 1), max(depths_t) + 1
+    # With two targets or more, the largest is also a far test: at least top_share x every rung.
+    top_cap = max(target_flops) / top_share if len(target_flops) > 1 else math.inf
     cap, notes = smallest / rung_share, []
     while cap * per_depth >= run_spec("", lo, 1, cfg, vocab_size)["flops"]:
         budgets, dropped = {}, []
@@ -131,7 +135,7 @@ def _design(target_flops: list[float], depths_t: list[int], cfg: LadderConfig, v
                 break
             else:
                 budgets[str(depth)] = b
-        if budgets is not None:
+        if budgets is not None and cap <= top_cap:
             total = sum(run_spec("", int(d), t, cfg, vocab_size)["flops"] for d, bs in budgets.items() for t in bs)
             if total <= smallest / ladder_share:
                 break
