@@ -121,8 +121,10 @@ def ladder_experiment_cmd(
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Catalog hardware for the cost ledger (default cpu)."),
     aspect: Optional[int] = typer.Option(None, "--aspect", help="Model width per layer (default 32)."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Tokenizer vocabulary (default 4096)."),
-    target: Optional[List[str]] = typer.Option(None, "--target", help="Train only this target (e.g. target2); run one "
-                                               "process per target to train them side by side once the forecasts exist."),
+    target: Optional[List[str]] = typer.Option(None, "--target", help="Train only this target (e.g. target2): one process "
+                                               "per machine or device trains the targets side by side once the forecasts "
+                                               "exist. On one CPU, one process at a time is faster (two 1-thread processes "
+                                               "ran at a quarter of one 2-thread process each)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[experiment] table sets any key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set experiment.n_boot=100"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
