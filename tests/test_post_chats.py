@@ -6,7 +6,7 @@ import jinja2
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.post.chats import chat_token_ids, read_chats, render
+from lmforge.post.chats import chat_token_ids, pack, read_chats, render
 from lmforge.tokenizer.io import load_tokenizer
 
 CONV = [{"role": "system", "content": "You write Python."},
@@ -62,3 +62,34 @@ def test_a_tokenizer_without_chat_tokens_is_refused():
 
     with pytest.raises(LmforgeError, match="lacks the chat tokens"):
         chat_token_ids(Tokenizer(models.BPE()))
+
+
+def test_packing_keeps_conversations_whole_and_counts_what_it_drops():
+    import random
+
+    rng = random.Random(0)
+    convs = []
+    for i in range(40):
+        n = rng.randint(3, 30)
+        toks = [1000 + i] * n  # each conversation's tokens carry its index, to trace them
+        convs.append((toks, [False] + [True] * (n - 1)))
+    convs.append(([7] * 40, [True] * 40))  # longer than a row: dropped, not truncated
+    convs.append(([8, 9], [True, False]))  # nothing to predict after the shift
+    p = pack(convs, context=31, pad_id=0)
+    assert p.dropped == {"too_long": 1, "no_target": 1}
+    assert all(len(r) == 32 for rows in (p.tokens, p.mask, p.doc) for r in rows)
+    seen = {}
+    for toks, msk, doc in zip(p.tokens, p.mask, p.doc):
+        for t, m, d in zip(toks, msk, doc):
+            if d == 0:
+                assert t == 0 and not m  # padding is never trained on
+                continue
+            seen.setdefault(t, set()).add(d)
+        # a conversation sits in one row, as one contiguous segment with its own doc number
+        ids = [d for d in doc if d]
+        assert ids == sorted(ids)
+    for i, (toks, msk) in enumerate(convs[:40]):
+        rows = [r for r, row in enumerate(p.tokens) if 1000 + i in row]
+        assert len(rows) == 1 and p.tokens[rows[0]].count(1000 + i) == len(toks)
+        assert len(seen[1000 + i]) == 1
+    assert sum(m for row in p.mask for m in row) == sum(sum(m) for _, m in convs[:40])

@@ -98,3 +98,46 @@ def render(messages: list, tok, ids: dict, add_generation_prompt: bool = False) 
         tokens.append(ids["assistant"])
         mask.append(False)
     return tokens, mask
+
+
+@dataclass
+class Packed:
+    """Rows of exactly ``context + 1`` tokens (inputs and shifted targets come from one row).
+
+    ``mask`` marks the tokens trained on; ``doc`` numbers the conversations in a row (0 is
+    padding), so attention can stay inside a conversation and positions restart at each."""
+    tokens: list = field(default_factory=list)
+    mask: list = field(default_factory=list)
+    doc: list = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)
+
+
+def pack(encoded: list[tuple[list[int], list[bool]]], context: int, pad_id: int) -> Packed:
+    """Pack rendered conversations into rows, first fit in order, never splitting one.
+
+    A conversation longer than a row is dropped and counted (``too_long``), not truncated:
+    cutting it would drop the end of the assistant's answer and its ``<|end|>``, and teach the
+    model not to stop. One with nothing to learn after the shift (``no_target``) is dropped too."""
+    width = context + 1
+    out, rows = Packed(), []  # rows: [tokens, mask, doc, n_docs]
+    for tokens, mask in encoded:
+        if len(tokens) > width:
+            out.dropped["too_long"] += 1
+            continue
+        if not any(mask[1:]):
+            out.dropped["no_target"] += 1
+            continue
+        row = next((r for r in rows if len(r[0]) + len(tokens) <= width), None)
+        if row is None:
+            row = [[], [], [], 0]
+            rows.append(row)
+        row[3] += 1
+        row[0] += tokens
+        row[1] += mask
+        row[2] += [row[3]] * len(tokens)
+    for toks, msk, doc, _ in rows:
+        pad = width - len(toks)
+        out.tokens.append(toks + [pad_id] * pad)
+        out.mask.append(msk + [False] * pad)
+        out.doc.append(doc + [0] * pad)
+    return out
