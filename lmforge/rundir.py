@@ -118,8 +118,9 @@ def hash_json(obj: Any) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def read_manifest(run_dir: str | os.PathLike, expect_stage: str | None = None) -> dict:
-    """Read a run directory's manifest, with errors that say what is wrong and where."""
+def read_manifest(run_dir: str | os.PathLike, expect_stage: str | tuple | None = None) -> dict:
+    """Read a run directory's manifest, with errors that say what is wrong and where.
+    ``expect_stage``: the stage (or a tuple of stages) the directory must hold."""
     path = Path(run_dir) / MANIFEST
     if not Path(run_dir).exists():
         raise LmforgeError(f"{run_dir}: no such directory")
@@ -129,9 +130,10 @@ def read_manifest(run_dir: str | os.PathLike, expect_stage: str | None = None) -
         m = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LmforgeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if expect_stage and m.get("stage") != expect_stage:
+    wanted = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
+    if wanted and m.get("stage") not in wanted:
         raise LmforgeError(
-            f"{path}: this is a '{m.get('stage')}' run directory, expected a '{expect_stage}' one"
+            f"{path}: this is a '{m.get('stage')}' run directory, expected a '{' or '.join(wanted)}' one"
         )
     return m
 

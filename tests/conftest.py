@@ -62,6 +62,40 @@ def medium_data(tmp_path_factory):
     return data_dir, tok_dir
 
 
+CHAT_CTX = 128
+
+
+def function_chats(limit=120):
+    """Conversations from stdlib functions with docstrings: ask for the function, answer with its source."""
+    import ast
+
+    out = []
+    for name in ("textwrap.py", "heapq.py", "bisect.py", "fnmatch.py", "shlex.py", "colorsys.py", "glob.py", "string.py"):
+        src = (STDLIB / name).read_text()
+        for node in ast.walk(ast.parse(src)):
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            if doc:
+                body = ast.get_source_segment(src, node)
+                out.append({"messages": [{"role": "user", "content": f"Write {node.name}: {doc.splitlines()[0][:50]}"},
+                                         {"role": "assistant", "content": body[:150]}]})
+    return out[:limit]
+
+
+@pytest.fixture(scope="session")
+def chat_base(tiny_data, tmp_path_factory):
+    """A small base model (context CHAT_CTX) whose tokenizer has the chat tokens, for post-training tests."""
+    from lmforge.model.model import ModelConfig
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.trainer import train
+
+    data_dir, _ = tiny_data
+    out = tmp_path_factory.mktemp("base") / "run"
+    train(TrainConfig(data=str(data_dir), out=str(out), model=ModelConfig(depth=2, vocab_size=0, context=CHAT_CTX),
+                      max_steps=40, batch_size=8, eval_every=0, ckpt_every=0, precision="fp32", warmup_steps=5),
+          progress=False)
+    return out
+
+
 def run_cli(*args, env=None, timeout=300):
     import subprocess
 

@@ -88,7 +88,7 @@ def test_export_matches_transformers_logits(tok_dir, tmp_path, tie):
     man = json.loads((out / "manifest.json").read_text())
     assert man["stage"] == "export" and man["status"] == "complete"
     assert man["inputs"]["model"]["hash"].startswith("sha256:") and man["inputs"]["tokenizer"]["hash"].startswith("sha256:")
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 1
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 6]  # eos, and <|end|> for chat turns
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temp dirs left behind
 
 

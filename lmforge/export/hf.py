@@ -261,6 +261,9 @@ def _write_tokenizer(tok_dir: Path, dst: Path, context: int) -> None:
     c = json.loads(tcfg.read_text()) if tcfg.exists() else {
         "tokenizer_class": "PreTrainedTokenizerFast", **{f"{k}_token": v for k, v in LMFORGE_SPECIALS.items()}}
     c["model_max_length"] = context
+    if (tok_dir / "chat_template.jinja").exists():
+        # In the config too: transformers 4.x reads the template only from here.
+        c["chat_template"] = (tok_dir / "chat_template.jinja").read_text()
     atomic_write_json(tcfg, c)
 
 
@@ -283,9 +286,11 @@ def export_hf(model_dir, out_dir, dtype: str = "float32", tokenizer_dir=None) ->
     with _staging(out_dir) as tmp:
         save_file(to_hf_state_dict(model, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config(model.cfg, special, dtype))
-        # Same sampling defaults as `lmforge sample`.
+        # Same sampling defaults as `lmforge sample`; generation also stops at a chat turn's end.
+        end = load_tokenizer(tok_dir).token_to_id("<|end|>")
         atomic_write_json(tmp / "generation_config.json", {
-            "bos_token_id": special["bos"], "eos_token_id": special["eos"], "pad_token_id": special["pad"],
+            "bos_token_id": special["bos"], "eos_token_id": [special["eos"], end] if end is not None else special["eos"],
+            "pad_token_id": special["pad"],
             "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95})
         _write_tokenizer(tok_dir, tmp, model.cfg.context)
         man = Manifest(tmp, "export", {"format": "hf", "dtype": dtype, "source": str(model_dir.resolve())})

@@ -37,15 +37,17 @@ def generate(
     model: GPT,
     prompts: list[list[int]],
     cfg: SampleConfig,
-    eos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
     pad_id: int = 0,
 ) -> list[list[int]]:
-    """Continue each prompt; return only the new tokens, cut at (and excluding) eos.
+    """Continue each prompt; return only the new tokens, cut at (and excluding) eos (or any of
+    several stop ids: a chat model stops at ``<|end|>`` as well).
 
     Prompts of different lengths are left-padded into one batch; per-row positions and a
     padding-aware causal mask keep every row's result equal to generating it alone.
     """
     model.eval()
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     device = next(model.parameters()).device
     B = len(prompts)
     if B == 0:
@@ -82,7 +84,7 @@ def generate(
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
         for b in range(B):
             if not done[b]:
-                if eos_id is not None and nxt[b].item() == eos_id:
+                if nxt[b].item() in stop:
                     done[b] = True
                 else:
                     out[b].append(int(nxt[b]))
@@ -90,3 +92,30 @@ def generate(
             break
         cur, t0 = nxt[:, None], t1
     return out
+
+
+@torch.no_grad()
+def stream(model: GPT, prompt: list[int], cfg: SampleConfig, stop_ids: list[int] = ()):
+    """Yield one prompt's new tokens as they are sampled (excluding the stop token), for a
+    terminal that prints them as they come. The same sampling as :func:`generate`."""
+    model.eval()
+    if not prompt:
+        raise ValueError("the prompt needs at least one token")
+    device = next(model.parameters()).device
+    prompt = prompt[-model.cfg.context:]
+    max_new = max(0, min(cfg.max_new_tokens, model.cfg.context - len(prompt)))
+    cache = KVCache(model.cfg, 1, len(prompt) + max_new, device, next(model.parameters()).dtype)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    cur = torch.tensor([prompt], dtype=torch.long, device=device)
+    for _ in range(max_new):
+        logits = model(cur, cache=cache)[:, -1].float()
+        if cfg.temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:
+            logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+        t = int(nxt)
+        if t in stop_ids:
+            return
+        yield t
+        cur = nxt[:, None]

@@ -94,8 +94,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(D)) v over (B, H, T, D) tensors.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over (B, H, T, D) tensors: causal, or, with ``mask``, where the
+    boolean (B, 1, T, T) ``mask`` allows (packed documents: causal and within one document).
 
     SDPA's fused kernel wins on GPUs and at long context, but on a CPU in bf16 at short
     context its backward is slow: plain batched matmuls with the mask folded into one
@@ -103,9 +104,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """
     B, H, T, D = q.shape
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or T > 512:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    scores = torch.baddbmm(mask, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if mask is None:
+        bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    else:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(B, H, T, T).reshape(B * H, T, T)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
     return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
@@ -130,8 +137,8 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if attn_mask is None and cache is None:
-            y = causal_attention(q, k, v)
+        if cache is None:
+            y = causal_attention(q, k, v, attn_mask)
         elif attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
@@ -194,8 +201,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, positions=None, attn_mask=None):
         """Return logits, or the mean cross-entropy when ``targets`` is given.
 
-        ``positions`` (B, T) and ``attn_mask`` serve generation with left-padded batches;
-        training uses neither and takes the fused causal attention path.
+        ``positions`` (B, T) and a boolean ``attn_mask`` (B, 1, T, T) serve generation with
+        left-padded batches and training on packed documents (positions restart at each one,
+        attention stays inside it); pretraining uses neither and takes the causal path.
         """
         B, T = idx.shape
         if positions is None:

@@ -46,30 +46,66 @@ def check_messages(messages) -> str | None:
     return None
 
 
+def records(path):
+    """``(where, row, error)`` for each record of a JSONL file, a parquet file, a saved HF dataset
+    directory (``datasets.save_to_disk``) or an HF hub dataset name (its train split); ``where``
+    is ``FILE:LINE`` or ``FILE:row N`` and ``error`` says why a JSONL line is not JSON."""
+    p = Path(path)
+    if p.suffix == ".parquet" and p.is_file():
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(p).to_pylist()):
+            yield f"{p}:row {i}", row, None
+    elif p.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(p))
+        except (FileNotFoundError, ValueError) as e:
+            raise LmforgeError(f"{p}: not a saved Hugging Face dataset ({e}); give JSONL, parquet or a dataset directory") from None
+        ds = ds["train"] if hasattr(ds, "keys") else ds
+        for i, row in enumerate(ds):
+            yield f"{p}:row {i}", row, None
+    elif p.exists():
+        with p.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{p}:{lineno}", json.loads(line), None
+                except json.JSONDecodeError as e:
+                    yield f"{p}:{lineno}", None, f"not JSON ({e.msg})"
+    elif "/" in str(path) and not str(path).startswith((".", "/")) and str(path).count("/") == 1:
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(str(path), split="train")
+        except Exception as e:  # the hub client raises many kinds; all mean "could not get it"
+            raise LmforgeError(f"{path}: not a local file and not loadable from the Hugging Face hub "
+                               f"({type(e).__name__}); give a JSONL or parquet file") from None
+        for i, row in enumerate(ds):
+            yield f"{path}:row {i}", row, None
+    else:
+        raise LmforgeError(f"{p}: no such file; give a JSONL or parquet file, a saved dataset directory or a hub name")
+
+
 def read_chats(path, skip_bad: bool = False) -> ChatSet:
-    """Every conversation in a JSONL file; a bad line raises ``FILE:LINE: why`` unless ``skip_bad``."""
-    path = Path(path)
-    if not path.exists():
-        raise LmforgeError(f"{path}: no such file; give a JSONL file with one {{\"messages\": [...]}} per line")
+    """Every conversation in ``path`` (see :func:`records`); a bad one raises ``FILE:LINE: why``
+    unless ``skip_bad``, which counts it by reason."""
     out = ChatSet()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                why, reason = f"not JSON ({e.msg})", "not_json"
-            else:
-                why = "'messages' is missing" if not isinstance(row, dict) or "messages" not in row else \
-                    check_messages(row["messages"])
-                reason = "bad_messages"
-            if why is None:
-                out.conversations.append(row["messages"])
-            elif skip_bad:
-                out.skipped[reason] += 1
-            else:
-                raise LmforgeError(f"{path}:{lineno}: {why}; fix the line or pass --skip-bad to skip and count such lines")
+    for where, row, error in records(path):
+        if error:
+            why, reason = error, "not_json"
+        else:
+            why = "'messages' is missing" if not isinstance(row, dict) or "messages" not in row else \
+                check_messages(row["messages"])
+            reason = "bad_messages"
+        if why is None:
+            out.conversations.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
+        elif skip_bad:
+            out.skipped[reason] += 1
+        else:
+            raise LmforgeError(f"{where}: {why}; fix the line or pass --skip-bad to skip and count such lines")
     if not out.conversations:
         raise LmforgeError(f"{path}: no usable conversations" + (f" ({dict(out.skipped)} skipped)" if out.skipped else ""))
     return out
@@ -112,29 +148,44 @@ class Packed:
     dropped: Counter = field(default_factory=Counter)
 
 
-def pack(encoded: list[tuple[list[int], list[bool]]], context: int, pad_id: int) -> Packed:
-    """Pack rendered conversations into rows, first fit in order, never splitting one.
+OPEN_ROWS = 64
+
+
+def pack(encoded: list[tuple[list[int], list[bool]]], context: int, pad_id: int, packing: bool = True) -> Packed:
+    """Pack rendered conversations into rows, first fit in order, never splitting one
+    (``packing=False``: one conversation per row, padded).
 
     A conversation longer than a row is dropped and counted (``too_long``), not truncated:
     cutting it would drop the end of the assistant's answer and its ``<|end|>``, and teach the
-    model not to stop. One with nothing to learn after the shift (``no_target``) is dropped too."""
+    model not to stop. One with nothing to learn after the shift (``no_target``) is dropped too.
+    First fit looks at the newest ``OPEN_ROWS`` rows only, which keeps packing linear in the data."""
+    return pack_groups([[e] for e in encoded], context, pad_id, packing)
+
+
+def pack_groups(groups: list[list[tuple[list[int], list[bool]]]], context: int, pad_id: int,
+                packing: bool = True) -> Packed:
+    """:func:`pack` for groups of sequences that must share a row (a preference pair's chosen and
+    rejected answers): each sequence is its own document, numbered in order within the row, so
+    the i-th group in a row holds documents ``k*i + 1 .. k*i + k`` when every group has k."""
     width = context + 1
     out, rows = Packed(), []  # rows: [tokens, mask, doc, n_docs]
-    for tokens, mask in encoded:
-        if len(tokens) > width:
+    for group in groups:
+        if sum(len(t) for t, _ in group) > width:
             out.dropped["too_long"] += 1
             continue
-        if not any(mask[1:]):
+        if not all(any(m[1:]) for _, m in group):
             out.dropped["no_target"] += 1
             continue
-        row = next((r for r in rows if len(r[0]) + len(tokens) <= width), None)
+        size = sum(len(t) for t, _ in group)
+        row = next((r for r in rows[-OPEN_ROWS:] if len(r[0]) + size <= width), None) if packing else None
         if row is None:
             row = [[], [], [], 0]
             rows.append(row)
-        row[3] += 1
-        row[0] += tokens
-        row[1] += mask
-        row[2] += [row[3]] * len(tokens)
+        for tokens, mask in group:
+            row[3] += 1
+            row[0] += tokens
+            row[1] += mask
+            row[2] += [row[3]] * len(tokens)
     for toks, msk, doc, _ in rows:
         pad = width - len(toks)
         out.tokens.append(toks + [pad_id] * pad)

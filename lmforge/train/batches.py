@@ -15,6 +15,34 @@ import numpy as np
 import torch
 
 
+class Order:
+    """Sample ids 0, 1, 2, ... mapped to item ids: epoch ``e`` visits ``n`` items in a permutation
+    seeded by (seed, e), so sample ``i`` is item ``order(i)`` whatever ran before."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __call__(self, sample_ids: np.ndarray) -> np.ndarray:
+        epochs, pos = np.divmod(sample_ids, self.n)
+        out = np.empty_like(sample_ids)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._order(int(e))[pos[sel]]
+        return out
+
+
+def micro_batch_ids(step: int, rank: int, micro: int, *, batch_size: int, grad_accum: int, world: int) -> np.ndarray:
+    """The global sample ids of one micro-batch: each step takes ``batch_size * grad_accum * world``
+    in order, so the same global batch split over any number of ranks sees the same samples."""
+    global_batch = batch_size * grad_accum * world
+    first = step * global_batch + rank * grad_accum * batch_size + micro * batch_size
+    return np.arange(first, first + batch_size, dtype=np.int64)
+
+
 class BatchSource:
     def __init__(self, tokens, context: int, seed: int):
         """``tokens``: an object with ``__len__`` and ``window(offset, length)`` (see lmforge.data.shards)."""
@@ -24,24 +52,12 @@ class BatchSource:
         self.n_windows = (len(tokens) - 1) // context
         if self.n_windows < 1:
             raise ValueError(f"the train split has {len(tokens)} tokens, fewer than one context of {context + 1}")
-
-    @lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-
-    def window_ids(self, sample_ids: np.ndarray) -> np.ndarray:
-        epochs, pos = np.divmod(sample_ids, self.n_windows)
-        out = np.empty_like(sample_ids)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            out[sel] = self._order(int(e))[pos[sel]]
-        return out
+        self.window_ids = Order(self.n_windows, seed)
 
     def micro_batch(self, step: int, rank: int, micro: int, *, batch_size: int, grad_accum: int, world: int):
         """(x, y) int64 tensors of shape (batch_size, context) for one micro-batch."""
-        global_batch = batch_size * grad_accum * world
-        first = step * global_batch + rank * grad_accum * batch_size + micro * batch_size
-        ids = self.window_ids(np.arange(first, first + batch_size, dtype=np.int64))
+        ids = self.window_ids(micro_batch_ids(step, rank, micro, batch_size=batch_size, grad_accum=grad_accum,
+                                              world=world))
         rows = np.stack([self.tokens.window(int(w) * self.context, self.context + 1) for w in ids])
         t = torch.from_numpy(rows.astype(np.int64))
         return t[:, :-1], t[:, 1:]

@@ -33,8 +33,13 @@ class DistInfo:
         return self.world > 1
 
 
+def world_size() -> int:
+    """How many ranks this launch has (torchrun sets WORLD_SIZE), known before :func:`setup`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: str = "auto") -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))

@@ -9,12 +9,13 @@ from lmforge.rundir import read_manifest
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.guard import QUARANTINE, read_events
 from lmforge.train.metrics import METRICS
+from lmforge.train.workload import TRAINING_STAGES
 
 
 def run_status(run_dir) -> dict:
     """Plain data about a run: status, progress, last losses, events, quarantine, checkpoints."""
     run_dir = Path(run_dir)
-    man = read_manifest(run_dir, expect_stage="train")
+    man = read_manifest(run_dir, expect_stage=TRAINING_STAGES)
     recs = []
     mpath = run_dir / METRICS
     if mpath.exists():

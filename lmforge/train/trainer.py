@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,20 +89,21 @@ class Run:
         return Path(self.cfg.out)
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = True, workload: Workload | None = None,
-          record: dict | None = None) -> dict:
+def train(cfg: TrainConfig, resume: bool | str = False, progress: bool = True,
+          workload: Callable[[TrainConfig, D.DistInfo, object], Workload] | None = None, record: dict | None = None) -> dict:
     """Train per ``cfg``; return the finished run's manifest (rank 0) as a dict.
 
     ``resume``: ``"never"`` (or False) starts fresh; ``"auto"`` (or True) continues from the newest
     valid checkpoint, or starts fresh when there is none; a path resumes from that checkpoint.
-    ``workload``: what to train on (default: next-token prediction on ``cfg.data``).
+    ``workload``: builds what to train on from (cfg, dist info, the ``init_from`` model or None),
+    once the ranks are set up (default :func:`pretraining`: next-token prediction on ``cfg.data``).
     ``record``: extra top-level manifest entries (a forecast made before launch, say).
     """
     info = D.setup(cfg.device)
     try:
         with _Stopper() as stopper:
             init = load_model(cfg.init_from) if cfg.init_from else None
-            work = workload or pretraining(cfg, info, init)
+            work = (workload or pretraining)(cfg, info, init)
             resolve_model(cfg, work.vocab_size, init)
             lock = L.acquire(cfg.out, log=_warn) if info.is_main else None
             try:
@@ -144,12 +146,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def _resume_point(cfg: TrainConfig, cfg_dict: dict, mode, info: D.DistInfo) -> Path | None:
+def _resume_point(cfg: TrainConfig, cfg_dict: dict, mode, info: D.DistInfo, stage: str) -> Path | None:
     """The checkpoint to resume from (None: start fresh), after refusing a config that differs from
     the one the run was trained with, or a fresh start over an existing run."""
     run_dir = Path(cfg.out)
     if mode != "never" and (run_dir / MANIFEST).exists():
-        old = read_manifest(run_dir, expect_stage="train")
+        old = read_manifest(run_dir, expect_stage=stage)
         if old.get("resume_hash") != resume_hash(cfg_dict):
             diff = sorted(k for k in cfg_dict if k not in RESUME_FREE and old["config"].get(k) != cfg_dict[k])
             raise LmforgeError(
@@ -172,7 +174,7 @@ def _resume_point(cfg: TrainConfig, cfg_dict: dict, mode, info: D.DistInfo) -> P
 def setup(cfg: TrainConfig, mode, progress: bool, info: D.DistInfo, work: Workload, init, record: dict) -> Run:
     """Everything a run needs, resumed from its checkpoint when there is one."""
     run_dir, cfg_dict = Path(cfg.out), dataclasses.asdict(cfg)
-    ckpt_path = _resume_point(cfg, cfg_dict, mode, info)
+    ckpt_path = _resume_point(cfg, cfg_dict, mode, info, work.stage)
     # Every rank builds identical weights; (seed, step, rank) decides the data.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -216,7 +218,7 @@ def setup(cfg: TrainConfig, mode, progress: bool, info: D.DistInfo, work: Worklo
 
 def _start_manifest(run: Run, cfg_dict: dict, precision: str, peak_desc: str, record: dict) -> Manifest:
     cfg = run.cfg
-    man = Manifest(run.run_dir, "train", cfg_dict)
+    man = Manifest(run.run_dir, run.work.stage, cfg_dict)
     man.data["resume_hash"] = resume_hash(cfg_dict)
     for name, entry in run.work.inputs.items():
         man.add_input(name, **entry)
@@ -331,7 +333,7 @@ def _observe(run: Run, step: int, lr: float, loss: float, gnorm: float, window: 
         window.t0, window.tokens = time.perf_counter(), 0
     if (cfg.eval_every and step % cfg.eval_every == 0) or last:
         run.counters.val_loss = run.work.evaluate(run.pmodel, run.ctx)
-        run.log.record(step=step, val_loss=round(run.counters.val_loss, 5))
+        run.log.record(step=step, val_loss=round(run.counters.val_loss, 5), **run.work.eval_metrics)
         run.bar.note(f"step {step}: val loss {run.counters.val_loss:.4f}")
         run.guard.watch_val(run.counters.val_loss, step)
 
@@ -367,6 +369,7 @@ def finish(run: Run) -> dict:
         tokens_per_s=round(tokens / c.train_time_s, 1) if c.train_time_s > 0 else None,
         mfu=round(flops / c.train_time_s / (run.peak * info.world), 4) if run.peak and c.train_time_s > 0 else None,
         device_hours=round(hours, 6), cost=_cost(run.hardware, cfg.grid_kg_per_kwh, hours),
+        **{f"final_{k}": v for k, v in run.work.eval_metrics.items()},
         guard={"rollbacks": run.guard.rollbacks, "quarantined_steps": len(run.guard.quarantine),
                "recovery_time_s": round(run.guard.recovery_time_s, 3)})
     run.guard.events.emit("finished", cfg.max_steps, val_loss=c.val_loss)

@@ -23,6 +23,10 @@ from lmforge.train.batches import BatchSource, val_batches
 from lmforge.train.config import TrainConfig
 
 
+# The stages whose run directories the training loop writes (their manifests' ``stage``).
+TRAINING_STAGES = ("train", "sft", "dpo", "distill")
+
+
 @dataclass
 class Workload:
     vocab_size: int
@@ -33,6 +37,8 @@ class Workload:
     epochs_seen: Callable[[int], float]  # steps -> passes over the training data
     inputs: dict = field(default_factory=dict)  # manifest inputs: name -> Manifest.add_input keyword arguments
     metrics: dict = field(default_factory=dict)  # manifest metrics known before training
+    stage: str = "train"  # the manifest's stage: one of TRAINING_STAGES
+    eval_metrics: dict = field(default_factory=dict)  # what `evaluate` measured beside the loss, logged with it
 
 
 def next_token_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""``lmforge sft``, ``dpo`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lmforge.config import flag_tree
+from lmforge.model.generate import SampleConfig
+from lmforge.post.chat import open_chat, reply
+from lmforge.post.dpo import DPOConfig, dpo, load_dpo_config
+from lmforge.post.sft import SFTConfig, load_sft_config, sft
+
+
+def sft_cmd(
+    base: Optional[str] = typer.Option(None, "--base", help="The model to fine-tune: a train run, an `lmforge import-hf` "
+                                       "directory or an HF export (imported into OUT/base)."),
+    data: Optional[str] = typer.Option(None, "--data", help='Conversations, one {"messages": [{"role": ..., "content": ...}]} '
+                                       "per record: JSONL, parquet, a saved HF dataset directory or a hub name."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=f"Run directory (default {SFTConfig.out})."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help=f"Passes over the conversations (default {SFTConfig.epochs})."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps, instead of --epochs."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate (default {SFTConfig.lr})."),
+    no_packing: bool = typer.Option(False, "--no-packing", help="One conversation per row, padded, instead of packed rows."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad records instead of stopping at the first."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue from the newest valid checkpoint in --out; "
+                                         "never (the default); or a checkpoint directory."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with an \\[sft] table (and \\[sft.guard])."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any key: --set sft.batch_size=16"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Fine-tune a base model on conversations (supervised fine-tuning).
+
+    The tokenizer's chat template renders each conversation; the loss counts only the
+    assistant's tokens and the <|end|> that closes each turn, so the model learns to stop.
+    Conversations are packed into full rows, each attending only to itself; one longer than
+    the model's context is dropped and counted, never truncated.
+
+    Examples:
+
+      lmforge sft --base runs/default/train --data chats.jsonl -o runs/sft
+
+      lmforge sft --base runs/default/hf --data chats.parquet --epochs 3 --lr 1e-4 -o runs/sft
+
+      lmforge sft --base runs/d4 --data chats.jsonl -o runs/sft --resume auto
+
+    Precedence: defaults < --config file < --set < flags.
+    """
+    flags = flag_tree(base=base, data=data, out=str(out) if out else None, epochs=epochs, max_steps=steps, lr=lr,
+                      packing=False if no_packing else None, skip_bad=skip_bad or None)
+    cfg = load_sft_config(config, set_, flags)
+    man = sft(cfg, resume=resume or "never", progress=not quiet)
+    m = man["metrics"]
+    print(f"sft: {m['train_conversations']} conversations in {m['rows']} rows ({m['row_fill']:.0%} full), "
+          f"dropped {m['dropped'] or 'none'}, skipped {m['skipped_lines'] or 'none'}; "
+          f"val loss {m['final_val_loss']:.4f}; model in {cfg.out}")
+
+
+def chat_cmd(
+    model: Path = typer.Argument(..., help="A chat model: an SFT/DPO run, an lmforge model directory or an HF directory."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start with."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per reply."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1 disables."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+):
+    """Chat with a model in the terminal; replies stream as they are generated.
+
+    Commands: /reset clears the history, /system TEXT sets the system message, /quit (or
+    end of input) leaves. Old turns are dropped when the conversation outgrows the context.
+
+    Example: lmforge chat runs/sft --temperature 0.2
+    """
+    chat = open_chat(model)
+    chat.system = system or ""
+    cfg = SampleConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset, /system TEXT, /quit", flush=True)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/reset":
+            chat.reset()
+            print("(history cleared)", flush=True)
+            continue
+        if text.startswith("/system"):
+            chat.system = text[len("/system"):].strip()
+            print(f"(system: {chat.system or 'none'})", flush=True)
+            continue
+        print("assistant> ", end="", flush=True)
+        for piece in reply(chat, text, cfg):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+def dpo_cmd(
+    policy: Optional[str] = typer.Option(None, "--policy", help="The starting policy, also the frozen reference: "
+                                         "an SFT run, an lmforge model directory or an HF directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="Preference pairs in TRL's format, prompt / chosen / rejected "
+                                       "(strings or message lists): JSONL, parquet, a saved HF dataset or a hub name."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=f"Run directory (default {DPOConfig.out})."),
+    beta: Optional[float] = typer.Option(None, "--beta", help=f"Strength of the pull toward the reference (default {DPOConfig.beta})."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="sigmoid (DPO, the default), ipo, or sigmoid_norm "
+                                       "(DPO on per-token averages: length-normalised)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help=f"Passes over the pairs (default {DPOConfig.epochs})."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps, instead of --epochs."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate (default {DPOConfig.lr})."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad pairs instead of stopping at the first."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue from the newest valid checkpoint in --out; "
+                                         "never (the default); or a checkpoint directory."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with a \\[dpo] table (and \\[dpo.guard])."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any key: --set dpo.val_fraction=0.2"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Preference-tune a model on chosen/rejected pairs (DPO, IPO).
+
+    The reference model is the starting policy; its log-probabilities are computed once and
+    cached in the run directory. Held-out pairs give the preference accuracy and reward margin,
+    logged at every evaluation.
+
+    Examples:
+
+      lmforge dpo --policy runs/sft --data pairs.jsonl -o runs/dpo
+
+      lmforge dpo --policy runs/sft --data pairs.jsonl --loss ipo --beta 0.5 -o runs/ipo
+
+    Precedence: defaults < --config file < --set < flags.
+    """
+    flags = flag_tree(policy=policy, data=data, out=str(out) if out else None, beta=beta, loss=loss, epochs=epochs,
+                      max_steps=steps, lr=lr, skip_bad=skip_bad or None)
+    cfg = load_dpo_config(config, set_, flags)
+    man = dpo(cfg, resume=resume or "never", progress=not quiet)
+    m = man["metrics"]
+    print(f"dpo: {m['train_pairs']} pairs in {m['rows']} rows, dropped {m['dropped'] or 'none'}, skipped "
+          f"{m['skipped_lines'] or 'none'}; held-out preference accuracy {m['final_pref_accuracy']:.3f}, reward margin "
+          f"{m['final_reward_margin']:.4f}; reference {m['ref_cache']}; model in {cfg.out}")
