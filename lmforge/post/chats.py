@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.io import SPECIAL_NAMES, SPECIAL_TOKENS
 
@@ -148,7 +150,7 @@ class Packed:
     dropped: Counter = field(default_factory=Counter)
 
 
-OPEN_ROWS = 64
+SORT_BLOCK = 1024
 
 
 def pack(encoded: list[tuple[list[int], list[bool]]], context: int, pad_id: int, packing: bool = True) -> Packed:
@@ -158,7 +160,8 @@ def pack(encoded: list[tuple[list[int], list[bool]]], context: int, pad_id: int,
     A conversation longer than a row is dropped and counted (``too_long``), not truncated:
     cutting it would drop the end of the assistant's answer and its ``<|end|>``, and teach the
     model not to stop. One with nothing to learn after the shift (``no_target``) is dropped too.
-    First fit looks at the newest ``OPEN_ROWS`` rows only, which keeps packing linear in the data."""
+    Packing is first fit decreasing within blocks of ``SORT_BLOCK`` conversations, which keeps
+    it linear in the data."""
     return pack_groups([[e] for e in encoded], context, pad_id, packing)
 
 
@@ -169,23 +172,35 @@ def pack_groups(groups: list[list[tuple[list[int], list[bool]]]], context: int, 
     the i-th group in a row holds documents ``k*i + 1 .. k*i + k`` when every group has k."""
     width = context + 1
     out, rows = Packed(), []  # rows: [tokens, mask, doc, n_docs]
+    kept = []
     for group in groups:
         if sum(len(t) for t, _ in group) > width:
             out.dropped["too_long"] += 1
-            continue
-        if not all(any(m[1:]) for _, m in group):
+        elif not all(any(m[1:]) for _, m in group):
             out.dropped["no_target"] += 1
-            continue
-        size = sum(len(t) for t, _ in group)
-        row = next((r for r in rows[-OPEN_ROWS:] if len(r[0]) + size <= width), None) if packing else None
-        if row is None:
-            row = [[], [], [], 0]
-            rows.append(row)
-        for tokens, mask in group:
-            row[3] += 1
-            row[0] += tokens
-            row[1] += mask
-            row[2] += [row[3]] * len(tokens)
+        else:
+            kept.append(group)
+    for i in range(0, len(kept), SORT_BLOCK if packing else 1):
+        block = kept[i:i + SORT_BLOCK] if packing else kept[i:i + 1]
+        # First fit decreasing within the block: the big ones first leave gaps the small ones fill.
+        block = sorted(block, key=lambda g: -sum(len(t) for t, _ in g))
+        free = np.zeros(0, dtype=np.int64)  # room left in this block's rows
+        first_row = len(rows)
+        for group in block:
+            size = sum(len(t) for t, _ in group)
+            fits = np.flatnonzero(free >= size)
+            if len(fits):
+                j = int(fits[0])
+            else:
+                j, free = len(free), np.append(free, width)
+                rows.append([[], [], [], 0])
+            free[j] -= size
+            row = rows[first_row + j]
+            for tokens, mask in group:
+                row[3] += 1
+                row[0] += tokens
+                row[1] += mask
+                row[2] += [row[3]] * len(tokens)
     for toks, msk, doc, _ in rows:
         pad = width - len(toks)
         out.tokens.append(toks + [pad_id] * pad)
