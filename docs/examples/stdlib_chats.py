@@ -13,25 +13,12 @@ does, not a model's own mistake. Conversations longer than --max-chars are left 
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import sysconfig
 from pathlib import Path
 
-
-def functions(path: Path):
-    try:
-        src = path.read_text(encoding="utf-8")
-        tree = ast.parse(src)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-            doc = ast.get_docstring(node)
-            body = ast.get_source_segment(src, node)
-            if doc and body:
-                yield node.name, ast.unparse(node.args), doc.strip().splitlines()[0], body
+from lmforge.post.tasks import functions
 
 
 def main() -> None:
@@ -47,7 +34,7 @@ def main() -> None:
     sets = {"chats": [], "val_chats": [], "pairs": []}
     for path in files:
         held = int(hashlib.sha256(str(path.relative_to(stdlib)).encode()).hexdigest(), 16) % 100 < args.val_percent
-        for name, sig, summary, body in functions(path):
+        for name, sig, summary, _, body in functions(path, methods=True):
             if len(body) > args.max_chars:
                 continue
             ask = f"Write a function {name}({sig}) that {summary[0].lower() + summary[1:]}"

@@ -1,4 +1,4 @@
-"""``lmforge sft``, ``dpo`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
+"""``lmforge post-data``, ``sft``, ``dpo`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lmforge.config import flag_tree
 from lmforge.model.generate import SampleConfig
 from lmforge.post.chat import open_chat, reply
 from lmforge.post.dpo import DPOConfig, dpo, load_dpo_config
+from lmforge.post.tasks import TaskDataConfig, build_task_data
 from lmforge.post.sft import SFTConfig, load_sft_config, sft
 
 
@@ -145,3 +146,26 @@ def dpo_cmd(
     print(f"dpo: {m['train_pairs']} pairs in {m['rows']} rows, dropped {m['dropped'] or 'none'}, skipped "
           f"{m['skipped_lines'] or 'none'}; held-out preference accuracy {m['final_pref_accuracy']:.3f}, reward margin "
           f"{m['final_reward_margin']:.4f}; reference {m['ref_cache']}; model in {cfg.out}")
+
+
+def post_data_cmd(
+    source: Optional[List[Path]] = typer.Option(None, "--source", "-s", help="A directory of .py files (repeatable; "
+                                                "default: this Python's standard library)."),
+    out: Path = typer.Option(Path(TaskDataConfig.out), "--out", "-o", help="Where to write the JSONL files and manifest."),
+    test_percent: int = typer.Option(TaskDataConfig.test_percent, "--test-percent", help="Share of source files held out."),
+    max_chars: int = typer.Option(TaskDataConfig.max_chars, "--max-chars", help="Longest function source kept."),
+    no_decontaminate: bool = typer.Option(False, "--no-decontaminate", help="Skip the HumanEval 13-gram filter."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Build SFT conversations and executable doctest tasks from Python source, offline.
+
+    Every public module-level function with a docstring gives two conversations (write it;
+    explain it); those whose doctests pass in the sandbox also become executable tasks. Files
+    are held out whole, and anything sharing a 13-gram with HumanEval is dropped and counted.
+
+    Example: lmforge post-data -o runs/post-data && lmforge sft --base runs/d4 --data runs/post-data/sft_train.jsonl
+    """
+    cfg = TaskDataConfig(sources=[str(s) for s in source or []], out=str(out), test_percent=test_percent,
+                         max_chars=max_chars, decontaminate=not no_decontaminate)
+    m = build_task_data(cfg, progress=not quiet)["metrics"]
+    print(f"post data: {m['files']} files; made {m['made']}; dropped {m['dropped'] or 'none'}; in {out}")

