@@ -1,4 +1,4 @@
-"""``lmforge post-data``, ``sft``, ``dpo`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
+"""``lmforge post-data``, ``sft``, ``dpo``, ``distill`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 from lmforge.config import flag_tree
 from lmforge.model.generate import SampleConfig
 from lmforge.post.chat import open_chat, reply
+from lmforge.post.distill import DistillConfig, distill
 from lmforge.post.dpo import DPOConfig, dpo, load_dpo_config
 from lmforge.post.tasks import TaskDataConfig, build_task_data
 from lmforge.post.sft import SFTConfig, load_sft_config, sft
@@ -169,3 +170,47 @@ def post_data_cmd(
                          max_chars=max_chars, decontaminate=not no_decontaminate)
     m = build_task_data(cfg, progress=not quiet)["metrics"]
     print(f"post data: {m['files']} files; made {m['made']}; dropped {m['dropped'] or 'none'}; in {out}")
+
+
+def distill_cmd(
+    teacher: str = typer.Option(..., "--teacher", help="A local model (lmforge or HF directory) or an OpenAI-compatible "
+                                "base URL such as http://127.0.0.1:8000/v1."),
+    student: str = typer.Option(..., "--student", help="The student: a model directory, or depth=N for a new model "
+                                "shaped like a local teacher at depth N."),
+    prompts: Path = typer.Option(..., "--prompts", help='JSONL: {"prompt": "..."} or {"messages": [...]} per line.'),
+    out: Path = typer.Option(Path(DistillConfig.out), "--out", "-o", help="Run directory: answers cache and the student."),
+    teacher_model: str = typer.Option("", "--teacher-model", help="The model name the endpoint serves."),
+    api_key_env: str = typer.Option(DistillConfig.api_key_env, "--api-key-env",
+                                    help="Environment variable that holds the endpoint's API key."),
+    max_new_tokens: int = typer.Option(DistillConfig.max_new_tokens, "--max-new-tokens", help="Longest teacher answer."),
+    temperature: float = typer.Option(DistillConfig.temperature, "--temperature", help="Teacher sampling temperature."),
+    alpha: float = typer.Option(0.0, "--alpha", help="Logit distillation's share of the loss, with a local teacher that "
+                                "shares the student's tokenizer: forward KL on the teacher's top-k logits; 0: answers only."),
+    top_k: int = typer.Option(DistillConfig.top_k, "--top-k", help="Teacher logits kept per position for --alpha."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Student optimizer steps (default: sft.epochs)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: keep the cached answers and continue the student."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with a \\[sft] table for the student."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Student training keys: --set sft.lr=1e-3"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Distil a teacher into a student: the teacher answers the prompts, the student trains on the answers.
+
+    Answers are cached in OUT/teacher_answers.jsonl and never asked twice; an endpoint is
+    retried with backoff and a prompt that still fails is counted. The student's manifest names
+    its teacher.
+
+    Examples:
+
+      lmforge distill --teacher runs/sft --student depth=2 --prompts prompts.jsonl -o runs/distill
+
+      OPENAI_API_KEY=... lmforge distill --teacher http://127.0.0.1:8000/v1 --teacher-model big \\
+          --student runs/small --prompts prompts.jsonl -o runs/distill
+    """
+    scfg = load_sft_config(config, set_, flag_tree(max_steps=steps))
+    cfg = DistillConfig(teacher=teacher, teacher_model=teacher_model, api_key_env=api_key_env, student=student,
+                        prompts=str(prompts), out=str(out), max_new_tokens=max_new_tokens, temperature=temperature,
+                        alpha=alpha, top_k=top_k, sft=scfg)
+    man = distill(cfg, resume=resume or "never", progress=not quiet)
+    t = man["teacher_answers"]
+    print(f"distill: {t['used']} teacher answers ({t['cached']} cached, {t['failed']} failed); student val loss "
+          f"{man['metrics']['final_val_loss']:.4f}; model in {out}")

@@ -143,11 +143,13 @@ def padded_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
 
 
 def row_workload(cfg: TrainConfig, info: D.DistInfo, train_rows: Rows, val_rows: Rows, packing: bool,
-                 stage: str, inputs: dict, metrics: dict, vocab_size: int) -> Workload:
-    """A workload over fixed rows: every micro-batch a pure function of (seed, step, rank, micro)."""
+                 stage: str, inputs: dict, metrics: dict, vocab_size: int, loss=None) -> Workload:
+    """A workload over fixed rows: every micro-batch a pure function of (seed, step, rank, micro).
+    ``loss`` replaces the cross-entropy for training (distillation's mix); evaluation keeps it."""
     order = Order(len(train_rows), cfg.seed)
     global_batch = cfg.batch_size * cfg.grad_accum * info.world
-    loss = packed_loss if packing else padded_loss
+    val_loss = packed_loss if packing else padded_loss
+    loss = loss or val_loss
 
     def micro_batch(step: int, rank: int, micro: int) -> tuple:
         ids = order(micro_batch_ids(step, rank, micro, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
@@ -168,7 +170,7 @@ def row_workload(cfg: TrainConfig, info: D.DistInfo, train_rows: Rows, val_rows:
             if n == 0:
                 continue
             with ctx:
-                value = loss(model if cfg.fsdp else unwrap(model), (x, y, doc))
+                value = val_loss(model if cfg.fsdp else unwrap(model), (x, y, doc))
             total[0] += value.double() * n
             total[1] += n
         D.all_reduce_sum(total, info)
@@ -201,8 +203,11 @@ def steps_for(cfg, n_rows: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_rows / (cfg.batch_size * cfg.grad_accum * world)))
 
 
-def sft(cfg: SFTConfig, resume: bool | str = False, progress: bool = True) -> dict:
-    """Fine-tune ``cfg.base`` on the conversations in ``cfg.data``; returns the run's manifest."""
+def sft(cfg: SFTConfig, resume: bool | str = False, progress: bool = True, stage: str = "sft",
+        record: dict | None = None, loss=None) -> dict:
+    """Fine-tune ``cfg.base`` on the conversations in ``cfg.data``; returns the run's manifest.
+    ``stage``, ``record`` and ``loss`` let a stage built on SFT (distillation) name itself, add to the
+    manifest and train with its own loss of (model, (x, y, doc))."""
     if not cfg.base or not cfg.data:
         raise LmforgeError("sft needs --base MODEL and --data CHATS")
     base = resolve_base(cfg.base, cfg.out)
@@ -228,12 +233,13 @@ def sft(cfg: SFTConfig, resume: bool | str = False, progress: bool = True) -> di
     inputs = {"data": {"path": cfg.data, "content_hash": _data_hash(cfg.data)}, **base.record()}
 
     def workload(tcfg, info, init):
-        return row_workload(tcfg, info, train_rows, val_rows, cfg.packing, "sft", inputs, metrics,
-                            tok.get_vocab_size(with_added_tokens=True))
+        return row_workload(tcfg, info, train_rows, val_rows, cfg.packing, stage, inputs, metrics,
+                            tok.get_vocab_size(with_added_tokens=True), loss)
 
     world = D.world_size()
     tcfg = trainer_config(cfg, base.model_dir, steps_for(cfg, len(train_rows), world), str(cfg.data))
-    return train(tcfg, resume=resume, progress=progress, workload=workload, record={"sft": dataclasses.asdict(cfg)})
+    return train(tcfg, resume=resume, progress=progress, workload=workload,
+                 record={"sft": dataclasses.asdict(cfg), **(record or {})})
 
 
 def _data_hash(data: str) -> str | None:
