@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import function_chats, run_cli
+from lmforge.errors import LmforgeError
 from lmforge.post.distill import DistillConfig, distill
 from lmforge.post.sft import SFTConfig
 
@@ -25,17 +26,25 @@ def student_cfg():
 def test_local_teacher_to_a_new_student_with_a_resumable_answer_cache(chat_base, prompts_file, tmp_path):
     out = tmp_path / "distill"
     cfg = DistillConfig(teacher=str(chat_base), student="depth=1", prompts=str(prompts_file), out=str(out),
-                        max_new_tokens=24, temperature=1.0, sft=student_cfg())
+                        max_new_tokens=24, temperature=1.0, keep_unfinished=True, sft=student_cfg())
     man = distill(cfg, progress=False)
     assert man["stage"] == "distill"
     assert man["teacher"]["kind"] == "local" and man["teacher"]["weights_hash"].startswith("sha256:")
     t = man["teacher_answers"]
     assert t["asked"] == 24 and t["cached"] == 0 and t["used"] + t["failed"] == 24
     lines = (out / "teacher_answers.jsonl").read_text().splitlines()
-    assert len(lines) == t["used"] and all(json.loads(ln)["answer"] for ln in lines)
+    cached = [json.loads(ln) for ln in lines]
+    assert len(cached) == t["used"] and all(a["answer"] for a in cached)  # kept: unfinished ones too, when asked
+    assert t["unfinished"] == sum(not a["finished"] for a in cached) > 0  # a base model runs past 24 tokens
     assert json.loads((out / "student-init" / "model_config.json").read_text())["n_layer"] == 1
     again = distill(cfg, resume="auto", progress=False)  # nothing is asked twice
-    assert again["teacher_answers"]["asked"] == t["failed"] and again["teacher_answers"]["cached"] == t["used"]
+    assert again["teacher_answers"]["asked"] == t["failed"] and again["teacher_answers"]["cached"] == 24 - t["failed"]
+    strict = DistillConfig(**{**vars(cfg), "keep_unfinished": False})  # cut-off answers are not trained on
+    if t["unfinished"] == t["used"]:
+        with pytest.raises(LmforgeError, match="ran past --max-new-tokens"):
+            distill(strict, resume="auto", progress=False)
+    else:
+        assert distill(strict, resume="auto", progress=False)["teacher_answers"]["used"] == t["used"] - t["unfinished"]
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -111,5 +120,6 @@ def test_logit_distillation_is_zero_between_equal_models_and_trains(chat_base, p
     assert top8(teacher.model, batch).item() > 0.01  # the student's mass outside the teacher's top 8 costs
     man = distill(DistillConfig(teacher=str(chat_base), student="depth=1", prompts=str(prompts_file),
                                 out=str(tmp_path / "kd"), max_new_tokens=24, temperature=1.0, alpha=0.5,
+                                keep_unfinished=True,
                                 sft=student_cfg()), progress=False)
     assert man["logit_distillation"] == {"alpha": 0.5, "top_k": 32} and man["status"] == "complete"

@@ -52,6 +52,7 @@ class DistillConfig:
     retries: int = 3
     backoff_s: float = 0.5  # doubled after each failed attempt
     timeout_s: float = 60.0
+    keep_unfinished: bool = False  # also train on answers the token budget cut off (they never end their turn)
     alpha: float = 0.0  # logit distillation's share of the loss (local teacher, same tokenizer); 0: answers only
     top_k: int = 32  # teacher logits kept per position for logit distillation
     sft: SFTConfig = field(default_factory=SFTConfig)  # how the student trains (base, data, out are set here)
@@ -99,11 +100,13 @@ class LocalTeacher:
         self.model = load_model(self.base.model_dir)
         self.record = {"kind": "local", "path": str(Path(path).resolve()), "weights_hash": self.base.weights_hash}
 
-    def answer(self, prompts: list[list[dict]], cfg: DistillConfig) -> list[str | None]:
+    def answer(self, prompts: list[list[dict]], cfg: DistillConfig) -> list[tuple[str | None, bool]]:
+        """(answer, finished) per prompt: finished when the teacher ended its turn within the budget."""
         ids = [render(p, self.tok, self.ids, add_generation_prompt=True)[0] for p in prompts]
         outs = generate(self.model, ids, SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
                         eos_id=[self.ids["end"], self.ids["eos"]], pad_id=self.ids["pad"] or 0)
-        return [self.tok.decode(o) or None for o in outs]
+        budget = [min(cfg.max_new_tokens, self.model.cfg.context - min(len(i), self.model.cfg.context)) for i in ids]
+        return [(self.tok.decode(o) or None, len(o) < b) for o, b in zip(outs, budget)]
 
 
 class EndpointTeacher:
@@ -115,7 +118,7 @@ class EndpointTeacher:
         self.record = {"kind": "endpoint", "url": url, "model": cfg.teacher_model}
         self.errors: list[str] = []
 
-    def _ask(self, messages: list[dict], cfg: DistillConfig) -> str | None:
+    def _ask(self, messages: list[dict], cfg: DistillConfig) -> tuple[str | None, bool]:
         body = json.dumps({"model": cfg.teacher_model, "messages": messages, "max_tokens": cfg.max_new_tokens,
                            "temperature": cfg.temperature}).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
@@ -125,15 +128,16 @@ class EndpointTeacher:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=cfg.timeout_s) as r:
                     reply = json.loads(r.read().decode("utf-8"))
-                return reply["choices"][0]["message"]["content"]
+                choice = reply["choices"][0]
+                return choice["message"]["content"], choice.get("finish_reason") != "length"
             except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
                 self.errors.append(f"{type(e).__name__}: {str(e)[:120]}")
                 if attempt < cfg.retries:
                     time.sleep(delay)
                     delay *= 2
-        return None
+        return None, False
 
-    def answer(self, prompts: list[list[dict]], cfg: DistillConfig) -> list[str | None]:
+    def answer(self, prompts: list[list[dict]], cfg: DistillConfig) -> list[tuple[str | None, bool]]:
         with ThreadPoolExecutor(max_workers=max(1, min(cfg.batch_size, 16))) as pool:
             return list(pool.map(lambda p: self._ask(p, cfg), prompts))
 
@@ -168,16 +172,20 @@ def collect_answers(teacher, prompts: list[list[dict]], cfg: DistillConfig, out:
     with path.open("a", encoding="utf-8") as f:
         for i in range(0, len(todo), cfg.batch_size):
             batch = todo[i:i + cfg.batch_size]
-            for (k, p), a in zip(batch, teacher.answer([p for _, p in batch], cfg)):
+            for (k, p), (a, finished) in zip(batch, teacher.answer([p for _, p in batch], cfg)):
                 if a is None or not a.strip():
                     failed += 1
                     continue
-                done[k] = {"key": k, "prompt": p, "answer": a}
+                done[k] = {"key": k, "prompt": p, "answer": a, "finished": finished}
                 f.write(json.dumps(done[k]) + "\n")
             f.flush()
             os.fsync(f.fileno())
-    return {"answers": [done[prompt_key(teacher.record, p)] for p in prompts if prompt_key(teacher.record, p) in done],
-            "asked": len(todo), "cached": len(prompts) - len(todo), "failed": failed}
+    have = [done[k] for k in (prompt_key(teacher.record, p) for p in prompts) if k in done]
+    # An answer cut off by the token budget would teach the student to end mid-thought; it is kept
+    # in the cache (a larger budget can ask again in a new run) but not trained on.
+    return {"answers": [a for a in have if a.get("finished", True) or cfg.keep_unfinished], "asked": len(todo),
+            "cached": len(prompts) - len(todo), "failed": failed,
+            "unfinished": sum(not a.get("finished", True) for a in have)}
 
 
 def fresh_student(spec: str, teacher_dir: Path, tok_dir: Path, out: Path) -> Path:
@@ -211,6 +219,9 @@ def distill(cfg: DistillConfig, resume: bool | str = False, progress: bool = Tru
             why = f" (last error: {teacher.errors[-1]})" if teacher.errors else ""
             raise LmforgeError(f"--teacher {cfg.teacher}: no prompt got an answer after {cfg.retries} retries each{why}; "
                                f"check the URL, --teacher-model and the key in {cfg.api_key_env}")
+        if got["unfinished"]:
+            raise LmforgeError(f"--teacher {cfg.teacher}: every answer ran past --max-new-tokens {cfg.max_new_tokens} "
+                               "without ending its turn; raise it, or use a chat model (after `lmforge sft`)")
         raise LmforgeError(f"--teacher {cfg.teacher}: every answer was empty (the model stops at once); "
                            "use a chat model (after `lmforge sft`) or a --temperature above 0")
     chats = out / "teacher_chats.jsonl"
@@ -225,7 +236,7 @@ def distill(cfg: DistillConfig, resume: bool | str = False, progress: bool = Tru
     scfg = SFTConfig(**{**vars(cfg.sft), "base": student, "data": str(chats), "out": str(out)})
     record = {"teacher": teacher.record,
               "teacher_answers": {"file": ANSWERS, "asked": got["asked"], "cached": got["cached"],
-                                  "failed": got["failed"], "used": len(got["answers"])},
+                                  "failed": got["failed"], "unfinished": got["unfinished"], "used": len(got["answers"])},
               "logit_distillation": {"alpha": cfg.alpha, "top_k": cfg.top_k} if cfg.alpha > 0 else None}
     loss = logit_loss(teacher, student, cfg) if cfg.alpha > 0 else None
     return sft(scfg, resume=resume, progress=progress, stage="distill", record=record, loss=loss)
