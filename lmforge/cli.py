@@ -25,7 +25,7 @@ from lmforge.errors import Interrupted, LmforgeError
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
 from lmforge.pipeline import RunConfig, run_pipeline
-from lmforge.post.cli import chat_cmd, distill_cmd, dpo_cmd, post_data_cmd, sft_cmd
+from lmforge.post.cli import chat_cmd, distill_cmd, dpo_cmd, pairs_cmd, post_data_cmd, sft_cmd
 from lmforge.scaling.cli import fit_cmd, forecast_cmd, ladder_app, plan_cmd
 from lmforge.tokenizer.cli import tokenizer_cmd
 from lmforge.train.cli import status_cmd, train_cmd
@@ -94,6 +94,7 @@ app.command("fit")(fit_cmd)
 app.command("forecast")(forecast_cmd)
 app.command("plan")(plan_cmd)
 app.command("post-data")(post_data_cmd)
+app.command("post-pairs")(pairs_cmd)
 app.command("sft")(sft_cmd)
 app.command("dpo")(dpo_cmd)
 app.command("distill")(distill_cmd)

@@ -58,3 +58,36 @@ def test_task_data_is_held_out_by_file_decontaminated_and_executable(tmp_path):
 def test_post_data_cli_refuses_a_missing_source(tmp_path):
     r = run_cli("post-data", "--source", tmp_path / "nope", "-o", tmp_path / "out", "-q")
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_judge_runs_the_answer_against_its_doctest():
+    from lmforge.post.pairs import judge
+
+    task = {"entry_point": "add"}
+    good = 'def add(a, b):\n    """\n    >>> add(2, 3)\n    5\n    """\n    return a + b\n'
+    assert judge(good, task) == "ok"
+    assert judge(good.replace("a + b", "a - b"), task) == "doctest"
+    assert judge("def add(a, b:\n    return", task) == "syntax"
+    assert judge("x = 1", None) == "ok"  # parses; no task to run
+
+
+def test_post_pairs_rejects_the_models_failing_answers(chat_base, tmp_path):
+    from lmforge.post.pairs import PairsConfig, build_pairs
+
+    ref = 'def add(a, b):\n    """Add.\n\n    >>> add(2, 3)\n    5\n    """\n    return a + b'
+    data = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Write a function add{i}(a, b) that adds two numbers"},
+                          {"role": "assistant", "content": ref.replace("add", f"add{i}")}]} for i in range(6)]
+    rows.append({"messages": [{"role": "user", "content": "Explain this"}, {"role": "assistant", "content": "x"}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"prompt": rows[0]["messages"][0]["content"], "entry_point": "add0"}) + "\n")
+    man = build_pairs(PairsConfig(model=str(chat_base), data=str(data), tasks=str(tasks), out=str(tmp_path / "p"),
+                                  samples=2, max_new_tokens=16, temperature=1.0), progress=False)
+    m = man["metrics"]
+    assert m["requests"] == 6 and m["samples"] == 12 and sum(m["verdicts"].values()) == 12  # "Explain" is not a request
+    pairs = [json.loads(ln) for ln in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == m["pairs"] > 0  # a barely trained base writes little valid Python
+    p = pairs[0]
+    assert p["chosen"].startswith("def add") and p["rejected"] != p["chosen"] and p["why"] in ("syntax", "doctest")
+    assert p["prompt"][-1]["role"] == "user"

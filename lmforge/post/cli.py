@@ -1,4 +1,4 @@
-"""``lmforge post-data``, ``sft``, ``dpo``, ``distill`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
+"""``lmforge post-data``, ``post-pairs``, ``sft``, ``dpo``, ``distill`` and ``chat``: thin wrappers over :mod:`lmforge.post`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lmforge.model.generate import SampleConfig
 from lmforge.post.chat import open_chat, reply
 from lmforge.post.distill import DistillConfig, distill
 from lmforge.post.dpo import DPOConfig, dpo, load_dpo_config
+from lmforge.post.pairs import PairsConfig, build_pairs
 from lmforge.post.tasks import TaskDataConfig, build_task_data
 from lmforge.post.sft import SFTConfig, load_sft_config, sft
 
@@ -214,3 +215,26 @@ def distill_cmd(
     t = man["teacher_answers"]
     print(f"distill: {t['used']} teacher answers ({t['cached']} cached, {t['failed']} failed); student val loss "
           f"{man['metrics']['final_val_loss']:.4f}; model in {out}")
+
+
+def pairs_cmd(
+    model: str = typer.Option(..., "--model", help="The policy whose own answers are judged (an SFT run, say)."),
+    data: Path = typer.Option(..., "--data", help="Conversations whose last turn is the reference (post-data's sft_train.jsonl)."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="Executable tasks (post-data's tasks_train.jsonl), matched by prompt."),
+    out: Path = typer.Option(Path(PairsConfig.out), "--out", "-o", help="Where pairs.jsonl and the manifest go."),
+    samples: int = typer.Option(PairsConfig.samples, "--samples", help="Answers sampled per request."),
+    temperature: float = typer.Option(PairsConfig.temperature, "--temperature", help="Sampling temperature."),
+    max_new_tokens: int = typer.Option(PairsConfig.max_new_tokens, "--max-new-tokens", help="Longest sampled answer."),
+    limit: int = typer.Option(0, "--limit", help="Use only the first N requests (0: all)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Build on-policy DPO pairs: the model's own answers that fail (do not parse, or fail their doctest
+    in the sandbox) are rejected against the reference.
+
+    Example: lmforge post-pairs --model runs/sft --data runs/post-data/sft_train.jsonl \\
+        --tasks runs/post-data/tasks_train.jsonl -o runs/pairs && lmforge dpo --policy runs/sft --data runs/pairs/pairs.jsonl
+    """
+    cfg = PairsConfig(model=model, data=str(data), tasks=str(tasks or ""), out=str(out), samples=samples,
+                      temperature=temperature, max_new_tokens=max_new_tokens, limit=limit)
+    m = build_pairs(cfg, progress=not quiet)["metrics"]
+    print(f"pairs: {m['pairs']} from {m['samples']} samples of {m['requests']} requests; verdicts {m['verdicts']}; in {out}")
