@@ -28,13 +28,44 @@ MANIFEST = "manifest.json"
 LADDER_FILE = "ladder.json"
 
 
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask can only swap, which races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new directory under the current umask."""
+    return 0o777 & ~_umask()
+
+
+def new_temp(final: Path) -> Path:
+    """An empty temp file beside ``final``, with the permissions a plain ``open(final, "w")`` would
+    give (mkstemp's 0600 would make every run file private to its owner once renamed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = new_temp(path)
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f

@@ -103,3 +103,31 @@ def test_resume_mode_has_one_spelling(tmp_path):
 def test_parse_overrides_requires_key_value():
     with pytest.raises(LmforgeError, match="--set 'lr'"):
         parse_overrides(["lr"])
+
+
+def test_run_files_get_the_permissions_a_plain_write_would(tmp_path):
+    """Atomic writes go through a temp file; it must not leave run files private (mkstemp's 0600)."""
+    import os
+    import stat
+
+    from lmforge.export.hf import _staging
+    from lmforge.model.io import save_model
+    from lmforge.model.model import ModelConfig, build_model
+    from lmforge.rundir import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        save_model(build_model(ModelConfig(depth=1, vocab_size=64, context=8)), tmp_path / "model")
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        staged = tmp_path / "staged"
+        with _staging(staged) as d:
+            (d / "f.txt").write_text("x")
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o644
+    for f in (tmp_path / "m.json", tmp_path / "model" / "model.safetensors", tmp_path / "model" / "model_config.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == plain, f
+    assert stat.S_IMODE(staged.stat().st_mode) == stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode) == 0o755

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import LmforgeError
 from lmforge.model.io import load_model, save_model, unwrap
 from lmforge.model.model import ModelConfig, build_model
-from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, hash_file
+from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, dir_mode, file_mode, hash_file
 from lmforge.tokenizer.io import TOKENIZER_FILE, load_tokenizer, tokenizer_dir_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -211,6 +211,7 @@ def _staging(out_dir: Path) -> Iterator[Path]:
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp's 0700 would make the export private
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -285,6 +286,7 @@ def export_hf(model_dir, out_dir, dtype: str = "float32", tokenizer_dir=None) ->
     special = tokenizer_special_ids(tok_dir, model.cfg.vocab_size)
     with _staging(out_dir) as tmp:
         save_file(to_hf_state_dict(model, DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", file_mode())  # safetensors writes its file 0600
         atomic_write_json(tmp / "config.json", hf_config(model.cfg, special, dtype))
         # Same sampling defaults as `lmforge sample`; generation also stops at a chat turn's end.
         end = load_tokenizer(tok_dir).token_to_id("<|end|>")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import save_model as st_save_model
 
 from lmforge.errors import LmforgeError
 from lmforge.model.model import GPT, ModelConfig, build_model
-from lmforge.rundir import atomic_write_json
+from lmforge.rundir import atomic_write_json, file_mode, new_temp
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
@@ -30,11 +29,11 @@ def save_model(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     core = unwrap(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=out)
-    os.close(fd)
+    tmp = new_temp(out / WEIGHTS)
     try:
         # save_model dedupes tied tensors (lm_head shares tok_emb) that save_file refuses.
-        st_save_model(core, tmp)
+        st_save_model(core, str(tmp))
+        os.chmod(tmp, file_mode())  # safetensors writes its file 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out / WEIGHTS)

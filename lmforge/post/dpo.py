@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from lmforge.model.io import load_config, unwrap
 from lmforge.post.base import resolve_base
 from lmforge.post.chats import ROLES, chat_token_ids, check_messages, pack_groups, records, render
 from lmforge.post.sft import Rows, TuneConfig, doc_attention, steps_for, trainer_config
-from lmforge.rundir import hash_file, hash_json
+from lmforge.rundir import file_mode, hash_file, hash_json, new_temp
 from lmforge.train import distributed as D
 from lmforge.train.batches import Order, micro_batch_ids
 from lmforge.train.config import TrainConfig
@@ -213,9 +212,9 @@ def cached_reference(path: Path, key: str, compute, info: D.DistInfo) -> tuple[d
             pass
     tensors = compute()
     if info.is_main:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"key": key})
+        tmp = new_temp(path)
+        save_file(tensors, str(tmp), metadata={"key": key})
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     return tensors, False
 
