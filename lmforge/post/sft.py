@@ -210,11 +210,11 @@ def sft(cfg: SFTConfig, resume: bool | str = False, progress: bool = True, stage
     manifest and train with its own loss of (model, (x, y, doc))."""
     if not cfg.base or not cfg.data:
         raise LmforgeError("sft needs --base MODEL and --data CHATS")
+    chats = read_chats(cfg.data, cfg.skip_bad)  # first: bad data stops the stage before anything is written
     base = resolve_base(cfg.base, cfg.out)
     tok = base.tokenizer()
     ids = chat_token_ids(tok)
     context = load_config(base.model_dir).context
-    chats = read_chats(cfg.data, cfg.skip_bad)
     train_c, val_c = split_conversations(chats, cfg.val_fraction, cfg.seed)
     encode = [render(c, tok, ids) for c in train_c]
     packed, val_packed = pack(encode, context, ids["pad"] or 0, cfg.packing), \
