@@ -32,6 +32,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def pick(logits: torch.Tensor, cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
+    """The next token per row: greedy at temperature 0, else sampled after top-k / top-p."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -77,11 +85,7 @@ def generate(
         t1 = t0 + cur.shape[1]
         mask = causal[t0:t1, :t1][None, None] & valid[:, None, None, :t1]
         logits = model(cur, cache=cache, positions=positions_all[:, t0:t1], attn_mask=mask)[:, -1].float()
-        if cfg.temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+        nxt = pick(logits, cfg, gen)
         for b in range(B):
             if not done[b]:
                 if nxt[b].item() in stop:
@@ -109,11 +113,7 @@ def stream(model: GPT, prompt: list[int], cfg: SampleConfig, stop_ids: list[int]
     cur = torch.tensor([prompt], dtype=torch.long, device=device)
     for _ in range(max_new):
         logits = model(cur, cache=cache)[:, -1].float()
-        if cfg.temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+        nxt = pick(logits, cfg, gen)
         t = int(nxt)
         if t in stop_ids:
             return

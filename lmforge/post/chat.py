@@ -27,8 +27,10 @@ class Chat:
     system: str = ""
     history: list = field(default_factory=list)  # user and assistant messages
 
-    def messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+    def messages(self, history: list | None = None) -> list[dict]:
+        """The system message (if any) and ``history`` (default: the whole history)."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + \
+            (self.history if history is None else history)
 
     def reset(self) -> None:
         self.history.clear()
@@ -47,8 +49,7 @@ def prompt_ids(chat: Chat, max_new_tokens: int) -> list[int]:
     budget = max(1, chat.model.cfg.context - max_new_tokens)
     history = list(chat.history)
     while True:
-        msgs = ([{"role": "system", "content": chat.system}] if chat.system else []) + history
-        tokens, _ = render(msgs, chat.tok, chat.ids, add_generation_prompt=True)
+        tokens, _ = render(chat.messages(history), chat.tok, chat.ids, add_generation_prompt=True)
         if len(tokens) <= budget or len(history) <= 1:
             return tokens[-budget:]
         history = history[2:] if len(history) > 2 else history[1:]

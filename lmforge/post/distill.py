@@ -31,7 +31,7 @@ from lmforge.model.generate import SampleConfig, generate
 from lmforge.model.io import WEIGHTS, load_config, load_model, save_model
 from lmforge.model.model import build_model
 from lmforge.post.base import resolve_base
-from lmforge.post.chats import ROLES, chat_token_ids, render
+from lmforge.post.chats import ROLES, chat_token_ids, records, render
 from lmforge.post.sft import SFTConfig, doc_attention, sft
 from lmforge.rundir import Manifest, hash_file
 
@@ -64,25 +64,21 @@ def read_prompts(path) -> list[list[dict]]:
     if not path.is_file():
         raise LmforgeError(f"--prompts {path}: no such file; give JSONL with one {{\"prompt\": ...}} or {{\"messages\": [...]}} per line")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for where, row, error in records(path):
+        if error:
+            raise LmforgeError(f"{where}: {error}")
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
             out.append([{"role": "user", "content": row["prompt"]}])
             continue
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or not msgs or any(not isinstance(m, dict) or m.get("role") not in ROLES
                                                          or not isinstance(m.get("content"), str) for m in msgs):
-            raise LmforgeError(f"{path}:{lineno}: needs a non-empty 'prompt' string or a 'messages' list of "
+            raise LmforgeError(f"{where}: needs a non-empty 'prompt' string or a 'messages' list of "
                                "{\"role\", \"content\"} objects")
         while msgs and msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
         if not msgs:
-            raise LmforgeError(f"{path}:{lineno}: the conversation has no prompt before its answer")
+            raise LmforgeError(f"{where}: the conversation has no prompt before its answer")
         out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
     if not out:
         raise LmforgeError(f"{path}: no prompts")
@@ -233,7 +229,7 @@ def distill(cfg: DistillConfig, resume: bool | str = False, progress: bool = Tru
             raise LmforgeError("--student depth=N needs a local teacher to take the shape and tokenizer from; "
                                "give a student model directory with an endpoint teacher")
         student = str(fresh_student(student, teacher.base.model_dir, teacher.base.tok_dir, out))
-    scfg = SFTConfig(**{**vars(cfg.sft), "base": student, "data": str(chats), "out": str(out)})
+    scfg = replace(cfg.sft, base=student, data=str(chats), out=str(out))
     record = {"teacher": teacher.record,
               "teacher_answers": {"file": ANSWERS, "asked": got["asked"], "cached": got["cached"],
                                   "failed": got["failed"], "unfinished": got["unfinished"], "used": len(got["answers"])},

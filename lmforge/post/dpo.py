@@ -20,7 +20,6 @@ These are TRL's definitions (``tests/test_post_dpo.py`` checks them against TRL'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -32,19 +31,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.config import resolve_config
 from lmforge.errors import LmforgeError
 from lmforge.model.io import load_config, unwrap
 from lmforge.post.base import resolve_base
 from lmforge.post.chats import ROLES, chat_token_ids, check_messages, pack_groups, records, render
-from lmforge.post.sft import Rows, TuneConfig, doc_attention, steps_for, trainer_config
+from lmforge.post.sft import Rows, TuneConfig, doc_attention, held_out, steps_for, trainer_config
 from lmforge.rundir import file_mode, hash_file, hash_json, new_temp
 from lmforge.train import distributed as D
 from lmforge.train.batches import Order, micro_batch_ids
 from lmforge.train.config import TrainConfig
-from lmforge.train.trainer import pick_precision, train
+from lmforge.train.trainer import autocast_context, pick_precision, train
 from lmforge.train.workload import Workload
 
 SECTION = "dpo"
@@ -158,7 +157,7 @@ def encode_pair(pair: tuple, tok, ids: dict) -> list[tuple[list[int], list[bool]
 # ----------------------------------------------------------------------------- the loss
 
 
-def sequence_logps(model, x, y, doc, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logps(model, x, y, doc, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, lengths) of shape (B, n_pairs, 2): each answer's summed token log-probability and
     its number of learned tokens; chosen is document 2i+1 of a row, rejected 2i+2."""
     positions, mask = doc_attention(doc)
@@ -207,7 +206,7 @@ def cached_reference(path: Path, key: str, compute, info: D.DistInfo) -> tuple[d
         try:
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("key") == key:
-                    return load_file(str(path)), True
+                    return {k: f.get_tensor(k) for k in f.keys()}, True
         except Exception:  # an unreadable cache is recomputed, never trusted
             pass
     tensors = compute()
@@ -223,11 +222,10 @@ def cached_reference(path: Path, key: str, compute, info: D.DistInfo) -> tuple[d
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise LmforgeError(f"{n} pairs cannot spare {n_val} for held-out preference accuracy; add pairs")
-    perm = np.random.default_rng([seed, 11]).permutation(n)
-    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+    try:
+        return held_out(n, val_fraction, seed, salt=11)
+    except ValueError as e:
+        raise LmforgeError(f"{n} pairs cannot spare {e} for held-out preference accuracy; add pairs") from None
 
 
 def _pair_table(rows: Rows) -> tuple[torch.Tensor, int]:
@@ -273,7 +271,7 @@ def dpo(cfg: DPOConfig, resume: bool | str = False, progress: bool = True) -> di
               **base.record()}
 
     def workload(tcfg: TrainConfig, info: D.DistInfo, init) -> Workload:
-        ctx = _autocast(tcfg, info)
+        ctx = autocast_context(info.device, pick_precision(tcfg, info.device))
         Path(tcfg.out).mkdir(parents=True, exist_ok=True)
 
         def compute() -> dict:
@@ -290,11 +288,6 @@ def dpo(cfg: DPOConfig, resume: bool | str = False, progress: bool = True) -> di
     world = D.world_size()
     tcfg = trainer_config(cfg, base.model_dir, steps_for(cfg, len(train_rows), world), str(cfg.data))
     return train(tcfg, resume=resume, progress=progress, workload=workload, record={"dpo": dataclasses.asdict(cfg)})
-
-
-def _autocast(tcfg: TrainConfig, info: D.DistInfo):
-    dtype = pick_precision(tcfg, info.device)
-    return torch.autocast(info.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def preference_workload(tcfg: TrainConfig, info: D.DistInfo, cfg: DPOConfig, train_rows: Rows, val_rows: Rows,

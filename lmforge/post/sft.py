@@ -104,16 +104,24 @@ class Rows:
         return t[:, :-1], torch.where(m[:, 1:], t[:, 1:], -1), d[:, :-1]
 
 
+def held_out(n: int, val_fraction: float, seed: int, salt: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices, in order: a random ``val_fraction`` seeded by (seed, salt) held out,
+    at least one when asked. Raises ValueError when nothing would be left to train on."""
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise ValueError(n_val)
+    held = set(np.random.default_rng([seed, salt]).permutation(n)[:n_val].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
 def split_conversations(chats: ChatSet, val_fraction: float, seed: int) -> tuple[list, list]:
     """(train, val) conversations: a seeded random ``val_fraction`` held out (at least one when asked)."""
     n = len(chats.conversations)
-    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise LmforgeError(f"{n} conversations cannot spare {n_val} for validation; add data or set sft.val_fraction = 0")
-    perm = np.random.default_rng([seed, 7]).permutation(n)
-    held = set(perm[:n_val].tolist())
-    return ([c for i, c in enumerate(chats.conversations) if i not in held],
-            [c for i, c in enumerate(chats.conversations) if i in held])
+    try:
+        train_i, val_i = held_out(n, val_fraction, seed, salt=7)
+    except ValueError as e:
+        raise LmforgeError(f"{n} conversations cannot spare {e} for validation; add data or set sft.val_fraction = 0") from None
+    return [chats.conversations[i] for i in train_i], [chats.conversations[i] for i in val_i]
 
 
 def doc_attention(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,6 +129,11 @@ def pick_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.bfloat16 if ok else None
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` (from :func:`pick_precision`), or a null context for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Decay matrices only: norms' gains and (tied) embeddings are left alone, as in most LLM recipes.
     decay, no_decay = [], []
@@ -201,7 +206,7 @@ def setup(cfg: TrainConfig, mode, progress: bool, info: D.DistInfo, work: Worklo
     hardware = detect_hardware_name(info.device) if cfg.hardware == "auto" else cfg.hardware
     peak, peak_desc = device_peak(info.device, cfg.hardware, "bf16" if amp_dtype else "fp32")
     run = Run(cfg, info, work, model, pmodel, torch.compile(pmodel) if cfg.compile else pmodel, optimizer,
-              torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext(),
+              autocast_context(info.device, amp_dtype),
               counters, guard, ckpt, MetricsLog(run_dir, info.is_main, counters.step, cfg.tensorboard), bar,
               None, flops_per_token(cfg.model), peak, hardware, ckpt_path)
     if info.is_main:
