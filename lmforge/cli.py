@@ -22,6 +22,7 @@ from lmforge.config import flag_tree, resolve_config
 from lmforge.cost.cli import cost_cmd, hw_cmd
 from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
+from lmforge.eval.cli import eval_cmd
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
 from lmforge.pipeline import RunConfig, run_pipeline
@@ -99,6 +100,7 @@ app.command("sft")(sft_cmd)
 app.command("dpo")(dpo_cmd)
 app.command("distill")(distill_cmd)
 app.command("chat")(chat_cmd)
+app.command("eval")(eval_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

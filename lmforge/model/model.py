@@ -205,7 +205,14 @@ class GPT(nn.Module):
         left-padded batches and training on packed documents (positions restart at each one,
         attention stays inside it); pretraining uses neither and takes the causal path.
         """
-        B, T = idx.shape
+        x = self.hidden(idx, cache, positions, attn_mask)
+        if targets is None:
+            return self.lm_head(x)
+        return linear_cross_entropy(x, self.lm_head.weight, targets)
+
+    def hidden(self, idx, cache=None, positions=None, attn_mask=None):
+        """The final normed hidden states (B, T, d_model): scoring needs the head only where it reads."""
+        T = idx.shape[1]
         if positions is None:
             start = cache.length if cache is not None else 0
             if start + T > self.cfg.context:
@@ -220,10 +227,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache.layer(i) if cache is not None else None, attn_mask)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
-        if targets is None:
-            return self.lm_head(x)
-        return linear_cross_entropy(x, self.lm_head.weight, targets)
+        return self.norm(x)
 
 
 class KVCache:

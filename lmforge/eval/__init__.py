@@ -1,0 +1,1 @@
+"""Evaluation: tasks that execute, an lm-evaluation-harness bridge, a contamination audit and a provenance check."""
