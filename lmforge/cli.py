@@ -23,6 +23,7 @@ from lmforge.cost.cli import cost_cmd, hw_cmd
 from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.eval.cli import eval_cmd
+from lmforge.eval.contamination import audit_app
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
 from lmforge.pipeline import RunConfig, run_pipeline
@@ -101,6 +102,7 @@ app.command("dpo")(dpo_cmd)
 app.command("distill")(distill_cmd)
 app.command("chat")(chat_cmd)
 app.command("eval")(eval_cmd)
+app.add_typer(audit_app, name="audit")
 
 
 def main(argv: list[str] | None = None) -> None:

