@@ -24,6 +24,7 @@ from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.eval.cli import eval_cmd
 from lmforge.eval.contamination import audit_app
+from lmforge.eval.provenance import provenance_cmd
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
 from lmforge.pipeline import RunConfig, run_pipeline
@@ -103,6 +104,7 @@ app.command("distill")(distill_cmd)
 app.command("chat")(chat_cmd)
 app.command("eval")(eval_cmd)
 app.add_typer(audit_app, name="audit")
+app.command("provenance")(provenance_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

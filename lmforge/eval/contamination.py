@@ -34,8 +34,7 @@ from rich.table import Table
 
 from lmforge.config import flag_tree, resolve_config
 from lmforge.data.decontam import (DEFAULT_NGRAM, TASK_KINDS, NgramIndex, benchmark_index, is_data_run, jsonl_rows,
-                                   parse_specs,
-                                   spec_file, split_spec, training_docs)
+                                   parse_specs, spec_file, split_spec, training_docs)
 from lmforge.data.sources import Drops, source_files
 from lmforge.errors import LmforgeError
 from lmforge.progress import Bar
