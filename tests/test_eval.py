@@ -250,3 +250,22 @@ def test_bad_input_gets_one_line_and_exit_2(chat_base, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(LmforgeError, match="needs its data"):
         parse_spec("mc")
+
+
+def test_bridge_generation_equals_builtin_gen(chat_base, tmp_path, monkeypatch):
+    """generate_until through the bridge (batched, KV cache) gives the text `lmforge eval gen:` gives."""
+    pytest.importorskip("lm_eval")
+    from lmforge.eval.harness import simple_evaluate
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    gen = ROOT / "tests/data/lmeval/code_gen.jsonl"
+    evaluate(EvalConfig(model=str(chat_base), tasks=[f"gen:{gen}"], out=str(tmp_path / "ev"),
+                        task=TaskConfig(gen_tokens=16)), progress=False)
+    ours = {json.loads(x)["id"]: json.loads(x)["output"] for f in (tmp_path / "ev/items").glob("*.jsonl")
+            for x in f.read_text().splitlines()}
+    res = simple_evaluate(str(chat_base), ["lmforge_code_gen"], str(TASK_DIR), batch_size=4)
+    samples = res["samples"]["lmforge_code_gen"]
+    assert len(samples) == 12 and any(ours.values())
+    for s in samples:
+        assert s["resps"][0][0] == ours[s["doc"]["id"]]

@@ -59,14 +59,22 @@ def lm_class():
             return [-self.lm.rolling_nll(self.lm.encode(r.args[0])) for r in requests]
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            out = []
-            for r in requests:  # requests differ in stop strings and lengths: one call each, batched inside
-                context, kw = r.args[0], dict(r.args[1])
-                until = kw.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
+            # Requests with the same settings (stop strings, length, sampling) go to generate() together,
+            # which batches them with the KV cache; results come back in the requests' order.
+            groups: dict = {}
+            for i, r in enumerate(requests):
+                kw = dict(r.args[1])
+                until = kw.get("until") or []
+                until = (until,) if isinstance(until, str) else tuple(until)
                 temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
-                sample = SampleConfig(temperature=temp, top_p=float(kw.get("top_p", 1.0)), seed=0)
-                out += self.lm.generate([context], int(kw.get("max_gen_toks", 256)), [until], sample)
+                key = (until, int(kw.get("max_gen_toks", 256)), temp, float(kw.get("top_p", 1.0)))
+                groups.setdefault(key, []).append(i)
+            out: list = [None] * len(requests)
+            for (until, max_toks, temp, top_p), idx in groups.items():
+                texts = self.lm.generate([requests[i].args[0] for i in idx], max_toks, [list(until)] * len(idx),
+                                         SampleConfig(temperature=temp, top_p=top_p, seed=0))
+                for i, t in zip(idx, texts):
+                    out[i] = t
             return out
 
     register_model("lmforge")(LmforgeLM)

@@ -89,11 +89,16 @@ class LocalLM:
             for b, i in enumerate(idx):
                 batch[b, :len(rows[i][0])] = torch.tensor(rows[i][0])
             hidden = self.model.hidden(batch)  # right padding: causal attention never reads it
-            for b, i in enumerate(idx):
-                inp, n = rows[i]
-                targets = torch.tensor(pairs[i][1][-n:])
-                logp = torch.log_softmax(self.model.lm_head(hidden[b, len(inp) - n:len(inp)]).float(), -1)
-                out[i] = (float(logp.gather(-1, targets[:, None]).sum()), bool((logp.argmax(-1) == targets).all()))
+            # Every continuation token of the batch through the head at once: one matmul, one softmax.
+            sizes = [rows[i][1] for i in idx]
+            b_idx = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(sizes))
+            pos = torch.cat([torch.arange(len(rows[i][0]) - rows[i][1], len(rows[i][0])) for i in idx])
+            targets = torch.cat([torch.tensor(pairs[i][1][-rows[i][1]:]) for i in idx])
+            logp = torch.log_softmax(self.model.lm_head(hidden[b_idx, pos]).float(), -1)
+            token_lp = logp.gather(-1, targets[:, None])[:, 0]
+            hit = logp.argmax(-1) == targets
+            for i, lp, h in zip(idx, token_lp.split(sizes), hit.split(sizes)):
+                out[i] = (float(lp.sum()), bool(h.all()))
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
