@@ -138,6 +138,7 @@ def bar_chart(table: dict, png: Path) -> None:
         ax.bar(range(len(vals)), vals, yerr=errs, capsize=3, color=[f"C{i}" for i in range(len(vals))])
         ax.set_xticks(range(len(vals)), [n.split(" ")[0] for n in table], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{task}\n{m}", fontsize=9)
+        ax.set_ylim(0, max(1e-9, *(v + e for v, e in zip(vals, errs))) * 1.15 if max(vals) > 0 else 1)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(f".{png.name}.tmp.png")

@@ -288,7 +288,7 @@ def run_bpb(lm, source: str, cfg: TaskConfig, spec: str) -> TaskResult:
     nats = [r["nats"] for r in rows]
     size = [r["bytes"] for r in rows]
     metrics = {"bpb": metric(nats, cfg, weights=size, scale=1 / math.log(2)),
-               "nats_per_token": {"value": sum(nats) / max(1, tokens), "stderr": 0.0, "n": len(rows)}}
+               "nats_per_token": metric(nats, cfg, weights=[max(1, r["tokens"]) for r in rows])}
     return TaskResult(spec, rows, metrics, data, tokens=tokens)
 
 
