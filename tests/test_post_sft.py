@@ -94,7 +94,7 @@ def test_bad_chats_stop_with_file_and_line_and_write_nothing(chat_base, chats_fi
     r = run_cli("sft", "--base", chat_base, "--data", bad, "-o", out, "--steps", "2", "-q")
     assert r.returncode == 2
     err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and f"bad.jsonl:4: " in err and needle in err, err
+    assert len(err.splitlines()) == 1 and "bad.jsonl:4: " in err and needle in err, err
     assert not out.exists()
     r = run_cli("sft", "--base", chat_base, "--data", bad, "-o", out, "--steps", "2", "-q", "--skip-bad",
                 "--set", "sft.val_fraction=0.2")

@@ -22,25 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
-
-from lmforge.config import flag_tree, resolve_config
 from lmforge.data.decontam import (DEFAULT_NGRAM, TASK_KINDS, NgramIndex, benchmark_index, is_data_run, jsonl_rows,
                                    parse_specs, spec_file, split_spec, training_docs)
 from lmforge.data.sources import Drops, source_files
 from lmforge.errors import LmforgeError
+from lmforge.eval.tasks import slug
 from lmforge.progress import Bar
 from lmforge.rundir import MANIFEST, Manifest, atomic_write_text, hash_file, read_manifest
 
-SHOWN_ITEMS = 20  # contaminated items printed under the table; items.jsonl has them all
 
 
 @dataclass
@@ -194,11 +188,6 @@ def task_metrics(rows: list[dict], specs: list[str], results: dict) -> dict:
 # ----------------------------------------------------------------------------- eval results
 
 
-def slug(spec: str) -> str:
-    """The file name an eval run gives a task's per-item results (the eval stage's contract)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
-
-
 def read_results(eval_dir: str, specs: list[str]) -> dict:
     """``{spec: {item id: {metric: value}}}`` from an eval run's ``items/<slug>.jsonl``, for the tasks
     it has; none of them there is an error."""
@@ -275,91 +264,3 @@ def _mean(values: list) -> float | None:
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-audit_app = typer.Typer(
-    help="Audit what a model was trained on. `contamination`: which benchmark items the training data already "
-         "holds (n-gram overlap), and what that does to a score.",
-    no_args_is_help=True,
-)
-
-
-@audit_app.command("contamination")
-def contamination_cmd(
-    data: Optional[List[str]] = typer.Option(
-        None, "--data", "-d", show_default=False,
-        help="Training data: an `lmforge data` run directory (its cleaned train split is read), or any source "
-             "`lmforge data` reads (a directory, .jsonl, .parquet, hf:NAME, default, default:stdlib+site). Repeatable."),
-    tasks: Optional[List[str]] = typer.Option(
-        None, "--tasks", "-t", show_default=False,
-        help="Benchmarks, comma-separated or repeated: humaneval (prompt + canonical solution), mc:FILE (question + "
-             "right choice), gen:FILE (prompt + answer), doctest:FILE (post-data tasks: prompt + reference)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Audit run directory to write (default: runs/audit)."),
-    ngram: Optional[int] = typer.Option(None, "-n", "--ngram", help=f"n-gram length in normalised tokens (default {DEFAULT_NGRAM})."),
-    results: Optional[Path] = typer.Option(
-        None, "--results", help="An `lmforge eval` run of the same tasks: also score the clean items against all."),
-    min_overlap: Optional[float] = typer.Option(
-        None, "--min-overlap", help="Contaminated only when at least this share of an item's n-grams is found "
-                                    "(default 0: any shared n-gram)."),
-    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Training documents listed per item (default 10)."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="JSONL field / parquet column of a source (default: text)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[audit] table sets any key."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set audit.max_docs=3"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no table."),
-):
-    """Find benchmark items whose text the training data already holds: n-gram overlap, one streaming pass.
-
-    Text is normalised (NFKC, case folded, word characters only, so case, whitespace and punctuation never decide a match); an item is contaminated when one of its 13-grams occurs in a training document. Only the benchmark's n-grams are held in memory, so the corpus can be any size.
-
-    Writes OUT/items.jsonl (per item: overlap ratio, contaminated, the first training documents involved) and OUT/manifest.json (per task: share contaminated; with --results, the score on clean items against all).
-
-    Examples:
-
-      lmforge audit contamination --data runs/data --tasks humaneval
-
-      lmforge audit contamination --data default:stdlib+site --tasks humaneval -o runs/audit-site
-
-      lmforge audit contamination --data runs/data --tasks humaneval,mc:arc.jsonl --results runs/eval -n 8
-
-    Precedence: defaults < --config file < --set < flags.
-    """
-    flags = flag_tree(data=[str(d) for d in data] if data else None, tasks=tasks or None,
-                      out=str(out) if out else None, ngram=ngram, results=str(results) if results else None,
-                      min_overlap=min_overlap, max_docs=max_docs, text_field=text_field)
-    cfg = resolve_config(AuditConfig, "audit", config, set_, flags)
-    man = audit_contamination(cfg, progress=not quiet)
-    if not quiet:
-        print_report(man, Path(cfg.out))
-
-
-def print_report(man: dict, out: Path) -> None:
-    """The per-task table, then the first contaminated items with their first training document."""
-    m = man["metrics"]
-    console = Console()
-    t = Table(title=f"lmforge audit contamination: {man['config']['ngram']}-grams, {m['docs_scanned']:,} documents "
-                    f"({m['bytes_scanned'] / 1e6:.1f} MB) in {m['scan_seconds']} s", title_justify="left")
-    for col in ("task", "items", "contaminated", "%", "mean overlap", "score: all -> clean"):
-        t.add_column(col, justify="left" if col in ("task", "score: all -> clean") else "right")
-    for spec, tm in m["tasks"].items():
-        short = f" ({tm['too_short']} too short to check)" if tm["too_short"] else ""
-        t.add_row(spec, f"{tm['items']}{short}", str(tm["contaminated"]), f"{tm['percent_contaminated']:.1f}",
-                  "-" if tm["mean_overlap"] is None else f"{tm['mean_overlap']:.3f}", _score_text(tm.get("scores")))
-    console.print(t)
-    shown = 0
-    with open(out / "items.jsonl", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["contaminated"] and shown < SHOWN_ITEMS:
-                more = f" (+{r['docs_total'] - 1} more)" if r["docs_total"] > 1 else ""
-                console.print(f"  {r['task']} {r['id']}: overlap {r['overlap']:.2f}, in {r['docs'][0] if r['docs'] else '?'}{more}",
-                              markup=False, highlight=False, soft_wrap=True)  # paths stay whole, for copying
-                shown += 1
-    console.print(f"per-item rows: {out / 'items.jsonl'}")
-
-
-def _score_text(scores: dict | None) -> str:
-    if not scores:
-        return "-"
-    parts = [f"{k} {v['all']:.3f} -> {v['clean']:.3f}" for k, v in scores.items()
-             if isinstance(v, dict) and v["all"] is not None and v["clean"] is not None]
-    return f"{'; '.join(parts)} (n {scores['n_all']} -> {scores['n_clean']})"

@@ -53,7 +53,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import typer
 from safetensors import SafetensorError, safe_open
 from scipy.optimize import linear_sum_assignment
 
@@ -323,34 +322,19 @@ def _check_out(out: Path) -> None:
                            "choose another directory or delete it")
 
 
-def provenance_cmd(
-    a: Path = typer.Argument(..., help="The original: an lmforge model directory or a Hugging Face Llama directory."),
-    b: Path = typer.Argument(..., help="The suspect, in either format. Its tensor names and order are never used."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to write: manifest.json (both models' "
-                                       "hashes, verdict, score, per-layer similarities) and provenance.txt."),
-) -> None:
-    """Is model B derived from model A, or the same architecture trained separately?
-
-    Compares the weights, not the names: B may have renamed tensors, permuted attention heads or
-    MLP units, weights rescaled between adjacent layers, or further training, and still reads as
-    derived. Per layer it prints the cosine similarity of products that those changes cannot move
-    (qk: W_q^T W_k summed over heads; ov: W_o W_v; mlp: W_down W_up) and of residual-side Gram
-    matrices (gram). Scores near 1 mean copied weights, near 0 unrelated ones; the verdict is
-    derived at a score of at least 0.2, independent below, and incomparable when the two models'
-    matrix shapes cannot be paired (a different architecture).
-
-    Example: lmforge provenance runs/d4 suspects/tiny-llama -o runs/provenance
-    """
+def provenance_run(a, b, out=None) -> tuple[Result, str]:
+    """Compare A and B; with ``out``, write a run directory (manifest with both weight hashes and the
+    verdict, and the table as ``provenance.txt``). Returns the result and its table."""
+    out = Path(out) if out is not None else None
     if out is not None:
         _check_out(out)
-    wa, wb = read_weights(a), read_weights(b)
+    wa, wb = read_weights(Path(a)), read_weights(Path(b))
     result = compare(wa, wb)
     table = format_table(result)
-    print(table)
     if out is None:
-        return
-    man = Manifest(out, "provenance", {"a": str(a.resolve()), "b": str(b.resolve()), "derived_min": DERIVED_MIN,
-                                       "max_channels": MAX_CHANNELS})
+        return result, table
+    man = Manifest(out, "provenance", {"a": str(Path(a).resolve()), "b": str(Path(b).resolve()),
+                                       "derived_min": DERIVED_MIN, "max_channels": MAX_CHANNELS})
     man.add_input("a", a, content_hash=_weights_hash(wa))
     man.add_input("b", b, content_hash=_weights_hash(wb))
     atomic_write_text(out / "provenance.txt", table + "\n")
@@ -358,3 +342,4 @@ def provenance_cmd(
     d = result.to_dict()
     man.set_metrics(verdict=d["verdict"], score=d["score"], layers=d["layers"], embed=d["embed"], reason=d["reason"])
     man.finish()
+    return result, table
