@@ -179,6 +179,7 @@ def test_a_url_model_runs_generation_tasks_and_refuses_loglikelihood(tmp_path):
                                   api_key_env="LMFORGE_TEST_KEY"), progress=False)
         assert man["metrics"]["tasks"][f"gen:{gen}"]["exact_match"]["value"] == 1.0  # cut at the "\n" stop
         assert seen[0][0] == "/v1/completions" and seen[0][1]["stop"] == ["\n"] and seen[0][2] == "Bearer sekrit"
+        assert man["inputs"]["model"] == {"url": url, "model": "m", "chat": False}
         with pytest.raises(LmforgeError, match="log-likelihoods"):
             evaluate(EvalConfig(model=url, tasks=[f"mc:{MC}"], out=str(tmp_path / "ev2"), endpoint_model="m"), progress=False)
     finally:

@@ -57,7 +57,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     chat = None if cfg.chat == "auto" else cfg.chat == "on"
     lm = open_lm(cfg.model, out, cfg.batch_size, chat, cfg.endpoint_model, cfg.api_key_env)
     man = Manifest(out, "eval", asdict(cfg))
-    man.add_input("model", cfg.model, content_hash=lm.weights_hash, chat=lm.chat)
+    if lm.weights_hash is None:  # an endpoint: nothing local to hash
+        man.data["inputs"]["model"] = {"url": cfg.model, "model": cfg.endpoint_model, "chat": lm.chat}
+    else:
+        man.add_input("model", cfg.model, content_hash=lm.weights_hash, chat=lm.chat)
     (out / "items").mkdir(parents=True, exist_ok=True)
     results = {}
     for spec in cfg.tasks:
