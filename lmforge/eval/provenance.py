@@ -57,10 +57,10 @@ from safetensors import SafetensorError, safe_open
 from scipy.optimize import linear_sum_assignment
 
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import PICKLE_SUFFIXES, config_from_hf, to_hf_state_dict
+from lmforge.export.hf import PICKLE_SUFFIXES, check_replaceable, config_from_hf, to_hf_state_dict
 from lmforge.model.io import CONFIG, WEIGHTS, load_model
 from lmforge.model.model import ModelConfig
-from lmforge.rundir import MANIFEST, Manifest, atomic_write_text, hash_file, hash_json
+from lmforge.rundir import Manifest, atomic_write_text, hash_file, hash_json
 
 # Derived at or above, independent below. Measured (bench/provenance_matrix.py; depth-2 models, 128
 # channels): derived test cases 0.735 (a fine-tuned child, then permuted, rescaled and renamed) to 1.000;
@@ -309,25 +309,12 @@ def _weights_hash(w: Weights) -> str:
     return hash_file(w.files[0]) if len(w.files) == 1 else hash_json([hash_file(f) for f in w.files])
 
 
-def _check_out(out: Path) -> None:
-    """Never let a typo like ``-o runs/d4`` overwrite a training run."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    try:
-        stage = json.loads((out / MANIFEST).read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
-        stage = None
-    if stage != "provenance":
-        raise LmforgeError(f"--out {out}: exists and is not an earlier `lmforge provenance` output; "
-                           "choose another directory or delete it")
-
-
 def provenance_run(a, b, out=None) -> tuple[Result, str]:
     """Compare A and B; with ``out``, write a run directory (manifest with both weight hashes and the
     verdict, and the table as ``provenance.txt``). Returns the result and its table."""
     out = Path(out) if out is not None else None
     if out is not None:
-        _check_out(out)
+        check_replaceable(out, "provenance")  # never let a typo like -o runs/d4 overwrite a run
     wa, wb = read_weights(Path(a)), read_weights(Path(b))
     result = compare(wa, wb)
     table = format_table(result)

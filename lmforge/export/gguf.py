@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import _check_replaceable, _staging, tokenizer_special_ids, to_hf_state_dict
+from lmforge.export.hf import check_replaceable, _staging, tokenizer_special_ids, to_hf_state_dict
 from lmforge.model.io import load_model
 from lmforge.rundir import Manifest, hash_file
 from lmforge.tokenizer.io import SPECIAL_TOKENS, TOKENIZER_FILE, tokenizer_dir_for
@@ -101,7 +101,7 @@ def export_gguf(model_dir, out_dir, dtype: str = "f16", tokenizer_dir=None) -> P
     if dtype not in GGUF_DTYPES:
         raise LmforgeError(f"--dtype {dtype}: GGUF takes {', '.join(GGUF_DTYPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_replaceable(out_dir, "export")
+    check_replaceable(out_dir, "export")
     model = load_model(model_dir)
     cfg = model.cfg
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else tokenizer_dir_for(model_dir)

@@ -181,7 +181,7 @@ def config_from_hf(c: dict, where: str) -> ModelConfig:
 # ----------------------------------------------------------------------------- directories
 
 
-def _check_replaceable(out_dir: Path, stage: str, flag: str = "--out") -> None:
+def check_replaceable(out_dir: Path, stage: str, flag: str = "--out") -> None:
     """Only an empty directory or an earlier output of the same stage may be replaced: never let a
     typo like ``-o runs/d4`` delete a training run."""
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
@@ -280,7 +280,7 @@ def export_hf(model_dir, out_dir, dtype: str = "float32", tokenizer_dir=None) ->
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise LmforgeError(f"--dtype {dtype}: unknown; use one of {', '.join(DTYPES)}")
-    _check_replaceable(out_dir, "export")
+    check_replaceable(out_dir, "export")
     model = load_model(model_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else tokenizer_dir_for(model_dir)
     special = tokenizer_special_ids(tok_dir, model.cfg.vocab_size)
@@ -353,7 +353,7 @@ def import_hf(hf_dir, out_dir) -> Path:
         raise LmforgeError(f"{cfg_path}: not valid JSON ({e})") from None
     cfg = config_from_hf(raw, str(cfg_path))
     files = _safetensors_files(hf_dir)
-    _check_replaceable(out_dir, "import")
+    check_replaceable(out_dir, "import")
     model = build_model(cfg)
     try:
         model.load_state_dict(from_hf_state_dict(_load_tensors(files), cfg, str(hf_dir)))
