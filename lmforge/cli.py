@@ -23,6 +23,7 @@ from lmforge.cost.cli import cost_cmd, hw_cmd
 from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.eval.cli import audit_app, eval_cmd, provenance_cmd
+from lmforge.serve.cli import serve_cmd
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
 from lmforge.pipeline import RunConfig, run_pipeline
@@ -103,6 +104,7 @@ app.command("chat")(chat_cmd)
 app.command("eval")(eval_cmd)
 app.add_typer(audit_app, name="audit")
 app.command("provenance")(provenance_cmd)
+app.command("serve")(serve_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.cost.hw import cache_path, measure_cpu
-from lmforge.cost.ledger import inference_cost, ledger
+from lmforge.cost.ledger import inference_cost, ledger, serve_usage
 from lmforge.errors import LmforgeError
 from lmforge.progress import console
 
@@ -35,13 +35,32 @@ def cost_cmd(
     tokens_per_s: Optional[float] = typer.Option(None, "--tokens-per-s", help="Measured generation throughput."),
     hardware: str = typer.Option("cpu", "--hardware", help="With --inference: a hardware catalog name."),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="A TOML hardware catalog that adds or overrides entries."),
+    serve: Optional[Path] = typer.Option(None, "--serve", help="Sum a server's usage ledger (the --dir of "
+                                         "`lmforge serve`) per API user and model."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """A ledger of FLOPs, device-hours, kWh, dollars and CO2 across runs and ladders.
 
     Examples: lmforge cost runs/ladder runs/target
               lmforge cost --inference --tokens-per-s 2400 --hardware H100
+              lmforge cost --serve runs/serve
     """
+    if serve is not None:
+        u = serve_usage(serve)
+        if as_json:
+            print(json.dumps(u, indent=2))
+            return
+        t = Table(title=f"usage: {serve}")
+        for col in ("user", "requests", "prompt tokens", "completion tokens", "$"):
+            t.add_column(col, justify="right")
+        for name, g in sorted(u["users"].items()):
+            t.add_row(name, f"{g['requests']:,}", f"{g['prompt_tokens']:,}", f"{g['completion_tokens']:,}", f"{g['usd']:.6f}")
+        g = u["total"]
+        t.add_row("total", f"{g['requests']:,}", f"{g['prompt_tokens']:,}", f"{g['completion_tokens']:,}", f"{g['usd']:.6f}")
+        Console().print(t)
+        if u["unreadable"]:
+            print(f"warning: {u['unreadable']} unreadable line(s) in {serve}/usage.jsonl (cut short by a crash?)")
+        return
     if inference:
         if tokens_per_s is None:
             raise LmforgeError("--inference needs --tokens-per-s (measured throughput)")

@@ -61,3 +61,33 @@ def inference_cost(tokens_per_s: float, hardware: str, devices: int = 1, catalog
     return {"hardware": hw.name, "devices": devices, "tokens_per_s": tokens_per_s,
             "usd_per_million_tokens": usd_per_hour / (tokens_per_s * 3600) * 1e6,
             "kwh_per_million_tokens": hw.watts * devices / 1000 / (tokens_per_s * 3600) * 1e6}
+
+
+USAGE_FILE = "usage.jsonl"
+
+
+def serve_usage(serve_dir) -> dict:
+    """Sum a server's usage ledger (``usage.jsonl``, one line per request) per user and model.
+
+    A line cut short by a crash mid-write is counted as ``unreadable``, never silently dropped."""
+    path = Path(serve_dir) / USAGE_FILE
+    if not path.exists():
+        raise LmforgeError(f"{serve_dir}: no {USAGE_FILE}; give the directory `lmforge serve --dir` wrote to")
+    users: dict[str, dict] = {}
+    models: dict[str, dict] = {}
+    total = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
+    unreadable = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        for table, key in ((users, row.get("user") or "-"), (models, row.get("model") or "-"), (None, None)):
+            agg = total if table is None else table.setdefault(
+                key, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0})
+            agg["requests"] += 1
+            agg["prompt_tokens"] += int(row.get("prompt_tokens", 0))
+            agg["completion_tokens"] += int(row.get("completion_tokens", 0))
+            agg["usd"] += float(row.get("usd", 0.0))
+    return {"users": users, "models": models, "total": total, "unreadable": unreadable}

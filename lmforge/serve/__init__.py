@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine behind an OpenAI-compatible HTTP API and a web chat."""

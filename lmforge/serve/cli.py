@@ -1,0 +1,57 @@
+"""``lmforge serve``: a thin wrapper over :func:`lmforge.serve.app.run_server`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.app import ServeConfig, read_keys, run_server
+
+
+def serve_cmd(
+    models: List[str] = typer.Argument(..., help="Models to serve: an lmforge run or model directory, an HF export "
+                                       "or an import-hf directory; NAME=PATH chooses the name clients use."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; the default is reachable from this "
+                             "machine only. 0.0.0.0 serves the network (keep an API key on)."),
+    port: int = typer.Option(8000, "--port", "-p"),
+    dir: Path = typer.Option(Path("runs/serve"), "--dir", help="Where the usage ledger (usage.jsonl) and a "
+                             "generated API key are kept."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMFORGE_API_KEY",
+                                          help="The key clients send as 'Authorization: Bearer KEY' (user 'default')."),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="A TOML or JSON file of user = key pairs: "
+                                            "several users, each with their own usage."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Accept requests without a key."),
+    max_seqs: int = typer.Option(16, "--max-seqs", help="Sequences decoded together (continuous batching)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests that may wait for a slot; more get 429."),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="Largest request body in bytes; more gets 413."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="On SIGTERM, seconds to let streams finish."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU/GPU has it), bf16 or fp32."),
+    threads: int = typer.Option(0, "--threads", help="Torch compute threads (0: torch's default). On a small "
+                                "machine one fewer than the cores leaves one for the HTTP side."),
+    hardware: str = typer.Option("cpu", "--hardware", help="Hardware catalog entry that prices tokens."),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Skip the one-second throughput measurement "
+                                      "that prices tokens (the ledger then records $0)."),
+):
+    """Serve models over an OpenAI-compatible API, with a web chat at / and Prometheus metrics.
+
+    Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/usage
+    (the caller's own usage), GET /health, GET /metrics. Requests from many clients are batched
+    together as they arrive (continuous batching); SIGTERM drains and exits 0.
+
+    Examples:
+      lmforge serve runs/sft-d3 --api-key secret123
+      lmforge serve small=runs/default/train big=runs/sft-d3 --port 8080 --api-keys keys.toml
+      curl -H 'Authorization: Bearer secret123' localhost:8000/v1/models
+    """
+    if max_seqs < 1 or max_queue < 0 or max_body < 1 or threads < 0:
+        raise LmforgeError("--max-seqs and --max-body must be at least 1, --max-queue and --threads at least 0")
+    keys = read_keys(api_key, api_keys, no_auth, dir)
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        print(f"warning: serving on {host} without an API key: anyone who can reach it can use it", flush=True)
+    cfg = ServeConfig(models=list(models), host=host, port=port, dir=dir, api_keys=keys, max_seqs=max_seqs,
+                      max_queue=max_queue, max_body=max_body, drain_timeout=drain_timeout, precision=precision,
+                      hardware=hardware, calibrate=not no_calibrate, banner=True, threads=threads)
+    raise typer.Exit(run_server(cfg))
