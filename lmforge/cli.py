@@ -23,6 +23,7 @@ from lmforge.cost.cli import cost_cmd, hw_cmd
 from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.eval.cli import audit_app, eval_cmd, provenance_cmd
+from lmforge.route.cli import router_app
 from lmforge.serve.cli import serve_cmd
 from lmforge.export.cli import export_cmd, import_hf_cmd
 from lmforge.model.cli import sample_cmd
@@ -105,6 +106,7 @@ app.command("eval")(eval_cmd)
 app.add_typer(audit_app, name="audit")
 app.command("provenance")(provenance_cmd)
 app.command("serve")(serve_cmd)
+app.add_typer(router_app, name="router")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,6 +58,10 @@ def cost_cmd(
         g = u["total"]
         t.add_row("total", f"{g['requests']:,}", f"{g['prompt_tokens']:,}", f"{g['completion_tokens']:,}", f"{g['usd']:.6f}")
         Console().print(t)
+        for name, r in u["routers"].items():
+            tiers = ", ".join(f"{t} {n}" for t, n in sorted(r["tiers"].items()))
+            print(f"router {name}: {r['requests']} requests, {r['share_escalated']:.1%} escalated, "
+                  f"{r['fallback']} fell back; answered by {tiers}")
         if u["unreadable"]:
             print(f"warning: {u['unreadable']} unreadable line(s) in {serve}/usage.jsonl (cut short by a crash?)")
         return

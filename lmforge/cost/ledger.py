@@ -76,6 +76,7 @@ def serve_usage(serve_dir) -> dict:
     users: dict[str, dict] = {}
     models: dict[str, dict] = {}
     total = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
+    routed: dict[str, dict] = {}
     unreadable = 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -90,4 +91,12 @@ def serve_usage(serve_dir) -> dict:
             agg["prompt_tokens"] += int(row.get("prompt_tokens", 0))
             agg["completion_tokens"] += int(row.get("completion_tokens", 0))
             agg["usd"] += float(row.get("usd", 0.0))
-    return {"users": users, "models": models, "total": total, "unreadable": unreadable}
+        if "tier" in row:  # a routed request: which tier answered, and whether it escalated or fell back
+            r = routed.setdefault(row.get("model") or "-", {"requests": 0, "escalated": 0, "fallback": 0, "tiers": {}})
+            r["requests"] += 1
+            r["escalated"] += bool(row.get("escalated"))
+            r["fallback"] += bool(row.get("fallback"))
+            r["tiers"][row["tier"]] = r["tiers"].get(row["tier"], 0) + 1
+    for r in routed.values():
+        r["share_escalated"] = r["escalated"] / r["requests"]
+    return {"users": users, "models": models, "routers": routed, "total": total, "unreadable": unreadable}

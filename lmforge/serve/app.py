@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -91,6 +92,9 @@ class State:
         self.usage = UsageLog(Path(cfg.dir))
         self.keys = dict(cfg.api_keys)
         self._dispatch: _Dispatch | None = None
+        self.virtual: dict = {}  # name -> an object with async complete(kind, params, models) -> Answer
+        self.knowledge = None  # an object with augment(messages) -> (messages, citations)
+        self.on_ready: list = []  # callables(state) run once the models are loaded
 
     def load(self) -> None:
         try:
@@ -103,6 +107,8 @@ class State:
                 m.engine.start()
                 self.metrics.watch(m)
                 self.models[m.name] = m
+            for hook in self.on_ready:  # e.g. a router setting its threshold on the loaded tiers
+                hook(self)
             self.status = "ready"
             if self.cfg.banner:
                 print(banner(self), flush=True)
@@ -157,6 +163,10 @@ def banner(state: State) -> str:
                  f"(catalog [{cfg.hardware}], batch {cfg.max_seqs})" if m.decode_tok_s else "not calibrated")
         lines.append(f"  model {m.name}: {m.source}  {m.precision}  context {m.context}  "
                      f"{'chat' if m.chat_ids else 'completions only'}  {price}")
+    for name, vm in state.virtual.items():
+        lines.append(f"  model {name}: {vm.describe()}")
+    if state.knowledge is not None:
+        lines.append(f"  knowledge: {state.knowledge.describe()}")
     lines.append("  auth: " + (f"{len(set(state.keys.values()))} user(s) by API key" if state.keys else "none (--no-auth)"))
     return "\n".join(lines)
 
@@ -293,7 +303,9 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         ready()
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": 0, "owned_by": "lmforge", "context_length": m.context,
-             "chat": m.chat_ids is not None} for m in state.models.values()]}
+             "chat": m.chat_ids is not None} for m in state.models.values()] +
+            [{"id": name, "object": "model", "created": 0, "owned_by": "lmforge", "chat": True, "router": True}
+             for name in state.virtual]}
 
     @app.get("/v1/usage")
     async def my_usage(request: Request):
@@ -304,41 +316,76 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         user = user_of(request)
         ready()
         p = parse_chat(await body_of(request))
+        citations = None
+        if state.knowledge is not None:
+            p.prompts[0], citations = await asyncio.to_thread(state.knowledge.augment, p.prompts[0])
+        if p.model in state.virtual:
+            return await virtual(state.virtual[p.model], "chat", p, user, citations)
         m = model_of(p.model)
         if m.chat_ids is None:
             raise bad(f"model '{m.name}' is a base model without chat tokens; use /v1/completions", "model",
                       "model_not_chat")
-        ids, _ = render(p.prompts[0], m.tok, m.chat_ids, add_generation_prompt=True)
-        return await generate(request, m, p, user, [ids], (m.chat_ids["end"], m.eos), "chat")
+        prompts, stop_ids = prompt_ids(m, "chat", p)
+        return await generate(request, m, p, user, prompts, stop_ids, "chat", citations)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         user = user_of(request)
         ready()
         p = parse_completion(await body_of(request))
+        if p.model in state.virtual:
+            return await virtual(state.virtual[p.model], "completions", p, user, None)
         m = model_of(p.model)
-        # The end-of-document token precedes every training document, so a prompt starts after one.
-        prompts = [[m.eos] + m.encode(text) for text in p.prompts]
-        return await generate(request, m, p, user, prompts, (m.eos,), "completions")
+        prompts, stop_ids = prompt_ids(m, "completions", p)
+        return await generate(request, m, p, user, prompts, stop_ids, "completions")
 
-    async def generate(request, m: ServedModel, p: Params, user: str, prompts: list[list[int]], stop_ids, kind):
+    async def virtual(vm, kind: str, p: Params, user: str, citations):
+        """A request for a model that is a policy over others (the router): answered whole, then sent
+        as one response or as a short stream."""
+        if p.n != 1 or (kind == "completions" and len(p.prompts) != 1):
+            raise bad(f"model '{vm.name}' answers one choice per request (n = 1, one prompt)", "n")
         t0 = time.perf_counter()
-        stop_ids = () if p.ignore_eos else stop_ids
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        reqs = []
-        for ids in prompts:
-            room = m.context - len(ids)
-            max_tokens = p.max_tokens if p.max_tokens is not None else max(1, room if kind == "chat" else min(16, room))
-            for j in range(p.n):
-                r = GenRequest(ids, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                               stop=p.stop, stop_ids=stop_ids, seed=None if p.seed is None else p.seed + len(reqs),
-                               logprobs=p.logprobs)
-                try:
-                    m.engine.check(r)
-                except LmforgeError as e:
-                    raise ApiError(400, str(e), param="messages" if kind == "chat" else "prompt",
-                                   code="context_length_exceeded") from None
-                reqs.append(r)
+        try:
+            a = await vm.complete(kind, p, state.models)
+        except ApiError as e:
+            state.metrics.requests.labels(vm.name, kind, str(e.status)).inc()
+            raise
+        state.metrics.requests.labels(vm.name, kind, "ok").inc()
+        state.metrics.e2e.labels(vm.name).observe(time.perf_counter() - t0)
+        use = {**usage(a.prompt_tokens, a.completion_tokens), **a.usage_extra}
+        state.usage.record({"request_id": rid, "user": user, "end_user": p.user, "model": vm.name, "endpoint": kind,
+                            "status": "ok", "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+                            "usd": a.usd, **{k: v for k, v in a.usage_extra.items() if k in ROUTE_FIELDS}})
+        choice = {"index": 0, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
+        if not p.stream:
+            body = (chat_response if kind == "chat" else completion_response)(rid, vm.name, [choice], use)
+            if citations is not None:
+                body["citations"] = citations
+            return JSONResponse(body, headers=a.headers)
+
+        async def one_shot():
+            created, wu = int(time.time()), p.include_usage
+            chunk = chat_chunk if kind == "chat" else completion_chunk
+            if kind == "chat":
+                first = chat_chunk(rid, vm.name, created, 0, {"role": "assistant", "content": ""}, with_usage=wu)
+                if citations is not None:
+                    first["citations"] = citations
+                yield sse(first)
+            yield sse(chunk(rid, vm.name, created, 0, {"content": a.text} if kind == "chat" else a.text,
+                            with_usage=wu))
+            yield sse(chunk(rid, vm.name, created, 0, {} if kind == "chat" else "", a.finish_reason, with_usage=wu))
+            if wu:
+                yield sse(chunk(rid, vm.name, created, None, use=use, with_usage=True))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(one_shot(), media_type="text/event-stream", headers=a.headers)
+
+    async def generate(request, m: ServedModel, p: Params, user: str, prompts: list[list[int]], stop_ids, kind,
+                       citations=None):
+        t0 = time.perf_counter()
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        reqs = build_requests(m, kind, p, prompts, stop_ids)
         dispatch = state.dispatch_for(asyncio.get_running_loop())
         q: asyncio.Queue = asyncio.Queue()
 
@@ -363,7 +410,7 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
             state.metrics.requests.labels(m.name, kind, "429").inc()
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         if p.stream:
-            return StreamingResponse(stream(m, p, kind, rid, q, handles, track), media_type="text/event-stream",
+            return StreamingResponse(stream(m, p, kind, rid, q, handles, track, citations), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = [{"index": i, "text": "", "logprobs": [] if p.logprobs is not None else None, "finish_reason": None}
                    for i in range(len(reqs))]
@@ -389,39 +436,48 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
                     c["text"] = p.prompts[c["index"] // p.n] + c["text"]
             use = usage(track.prompt_tokens, track.completion_tokens)
             body = (chat_response if kind == "chat" else completion_response)(rid, m.name, choices, use)
+            if citations is not None:
+                body["citations"] = citations
             return JSONResponse(body)
         finally:
             for h in handles:
                 h.cancel()
 
-    async def stream(m, p, kind, rid, q, handles, track):
+    async def stream(m, p, kind, rid, q, handles, track, citations=None):
         created = int(time.time())
         chunk = chat_chunk if kind == "chat" else completion_chunk
         wu = p.include_usage
-
-        def sse(obj) -> str:
-            return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
         try:
             if kind == "chat":
                 for i in range(len(handles)):
-                    yield sse(chat_chunk(rid, m.name, created, i, {"role": "assistant", "content": ""}, with_usage=wu))
+                    first = chat_chunk(rid, m.name, created, i, {"role": "assistant", "content": ""}, with_usage=wu)
+                    if citations is not None and i == 0:
+                        first["citations"] = citations
+                    yield sse(first)
             if p.echo:
                 for i in range(len(handles)):
                     yield sse(chunk(rid, m.name, created, i, p.prompts[i // p.n], with_usage=wu))
             left = len(handles)
             while left:
-                i, ev = await q.get()
-                left -= ev.finish_reason is not None
-                if ev.finish_reason == "error":
-                    yield sse(ApiError(500, "the engine failed while generating", "server_error").body())
-                    continue
-                if ev.text or ev.logprobs:
-                    body = {"content": ev.text} if kind == "chat" else ev.text
-                    yield sse(chunk(rid, m.name, created, i, body, None, ev.logprobs, with_usage=wu))
-                if ev.finish_reason:
-                    yield sse(chunk(rid, m.name, created, i, {} if kind == "chat" else "", ev.finish_reason,
-                                    with_usage=wu))
+                # Everything that arrived since the last write goes out in one write (several SSE events):
+                # under load the event loop falls behind the engine, and one send per token would add up.
+                batch = [await q.get()]
+                while not q.empty():
+                    batch.append(q.get_nowait())
+                out = []
+                for i, ev in batch:
+                    left -= ev.finish_reason is not None
+                    if ev.finish_reason == "error":
+                        out.append(sse(ApiError(500, "the engine failed while generating", "server_error").body()))
+                        continue
+                    if ev.text or ev.logprobs:
+                        body = {"content": ev.text} if kind == "chat" else ev.text
+                        out.append(sse(chunk(rid, m.name, created, i, body, None, ev.logprobs, with_usage=wu)))
+                    if ev.finish_reason:
+                        out.append(sse(chunk(rid, m.name, created, i, {} if kind == "chat" else "", ev.finish_reason,
+                                             with_usage=wu)))
+                if out:
+                    yield "".join(out)
             if wu:
                 yield sse(chunk(rid, m.name, created, None, use=usage(track.prompt_tokens, track.completion_tokens),
                                 with_usage=True))
@@ -432,6 +488,74 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
                 h.cancel()
 
     return app
+
+
+ROUTE_FIELDS = ("tier", "escalated", "fallback")
+
+
+@dataclass
+class Answer:
+    """A whole answer from a virtual model (the router), with the headers and usage fields it adds."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    headers: dict
+    usage_extra: dict
+    usd: float
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def prompt_ids(m: ServedModel, kind: str, p: Params) -> tuple[list[list[int]], tuple[int, ...]]:
+    """Token ids of each prompt and the tokens that end an answer: a chat is rendered with the
+    model's template and ends at ``<|end|>``; a completion prompt starts after the end-of-document
+    token, which precedes every training document."""
+    if kind == "chat":
+        ids, _ = render(p.prompts[0], m.tok, m.chat_ids, add_generation_prompt=True)
+        stop = (m.chat_ids["end"], m.eos)
+        prompts = [ids]
+    else:
+        prompts, stop = [[m.eos] + m.encode(text) for text in p.prompts], (m.eos,)
+    return prompts, (() if p.ignore_eos else stop)
+
+
+def prompt_text(kind: str, p: Params) -> str:
+    """The prompt as plain text (what a routing classifier reads)."""
+    if kind == "chat":
+        return "\n".join(m["content"] for m in p.prompts[0])
+    return p.prompts[0]
+
+
+def build_requests(m: ServedModel, kind: str, p: Params, prompts: list[list[int]], stop_ids,
+                   logprobs: int | None = None) -> list[GenRequest]:
+    reqs = []
+    for ids in prompts:
+        room = m.context - len(ids)
+        max_tokens = p.max_tokens if p.max_tokens is not None else max(1, room if kind == "chat" else min(16, room))
+        for _ in range(p.n):
+            r = GenRequest(ids, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                           stop=p.stop, stop_ids=stop_ids, seed=None if p.seed is None else p.seed + len(reqs),
+                           logprobs=p.logprobs if logprobs is None else logprobs)
+            try:
+                m.engine.check(r)
+            except LmforgeError as e:
+                raise ApiError(400, str(e), param="messages" if kind == "chat" else "prompt",
+                               code="context_length_exceeded") from None
+            reqs.append(r)
+    return reqs
+
+
+async def generate_once(m: ServedModel, kind: str, p: Params, logprobs: bool = False):
+    """One answer from a served model, whole (with its token logprobs when asked): a router's tier call."""
+    if kind == "chat" and m.chat_ids is None:
+        raise bad(f"model '{m.name}' is a base model without chat tokens", "model", "model_not_chat")
+    prompts, stop = prompt_ids(m, kind, p)
+    req = build_requests(m, kind, p, prompts[:1], stop, logprobs=0 if logprobs else None)[0]
+    return (await asyncio.to_thread(m.engine.generate, [req]))[0]
 
 
 class _Tracker:
@@ -519,13 +643,16 @@ def read_keys(api_key: str | None, keys_file: Path | None, no_auth: bool, serve_
     return keys
 
 
-def run_server(cfg: ServeConfig) -> int:
-    """Serve until SIGTERM/SIGINT, drain, exit 0."""
+def run_server(cfg: ServeConfig, state: State | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, drain, exit 0. ``state`` carries plug-ins (a router, a knowledge index)."""
     import uvicorn
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = State(cfg)
+    # The engine thread needs the GIL between torch ops; by default a busy event loop keeps it for
+    # up to 5 ms before handing it over, which stalls every decode step under load.
+    sys.setswitchinterval(0.0005)
+    state = state or State(cfg)
     app = create_app(cfg, state)
 
     class DrainingServer(uvicorn.Server):

@@ -7,12 +7,17 @@ from typing import List, Optional
 
 import typer
 
+import asyncio
+import json
+
 from lmforge.errors import LmforgeError
-from lmforge.serve.app import ServeConfig, read_keys, run_server
+from lmforge.route.config import load_router
+from lmforge.route.router import Router
+from lmforge.serve.app import ServeConfig, State, read_keys, run_server
 
 
 def serve_cmd(
-    models: List[str] = typer.Argument(..., help="Models to serve: an lmforge run or model directory, an HF export "
+    models: Optional[List[str]] = typer.Argument(None, help="Models to serve: an lmforge run or model directory, an HF export "
                                        "or an import-hf directory; NAME=PATH chooses the name clients use."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; the default is reachable from this "
                              "machine only. 0.0.0.0 serves the network (keep an API key on)."),
@@ -32,6 +37,8 @@ def serve_cmd(
     threads: int = typer.Option(0, "--threads", help="Torch compute threads (0: torch's default). On a small "
                                 "machine one fewer than the cores leaves one for the HTTP side."),
     hardware: str = typer.Option("cpu", "--hardware", help="Hardware catalog entry that prices tokens."),
+    router: Optional[Path] = typer.Option(None, "--router", help="A router file (TOML): one model name in front "
+                                          "of a small and a large tier; see `lmforge router --help`."),
     no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Skip the one-second throughput measurement "
                                       "that prices tokens (the ledger then records $0)."),
 ):
@@ -48,10 +55,37 @@ def serve_cmd(
     """
     if max_seqs < 1 or max_queue < 0 or max_body < 1 or threads < 0:
         raise LmforgeError("--max-seqs and --max-body must be at least 1, --max-queue and --threads at least 0")
+    specs = list(models or [])
+    routed = None
+    if router is not None:
+        routed = Router(load_router(router))
+        routed.check()
+        specs += [f"{name}={path}" for name, path in routed.local_models().items()]
+    if not specs:
+        raise LmforgeError("name at least one MODEL to serve, or a --router whose tiers are local models")
     keys = read_keys(api_key, api_keys, no_auth, dir)
     if host not in ("127.0.0.1", "localhost", "::1") and not keys:
         print(f"warning: serving on {host} without an API key: anyone who can reach it can use it", flush=True)
-    cfg = ServeConfig(models=list(models), host=host, port=port, dir=dir, api_keys=keys, max_seqs=max_seqs,
+    cfg = ServeConfig(models=specs, host=host, port=port, dir=dir, api_keys=keys, max_seqs=max_seqs,
                       max_queue=max_queue, max_body=max_body, drain_timeout=drain_timeout, precision=precision,
                       hardware=hardware, calibrate=not no_calibrate, banner=True, threads=threads)
-    raise typer.Exit(run_server(cfg))
+    state = State(cfg)
+    if routed is not None:
+        state.virtual[routed.name] = routed
+        if routed.threshold is None:
+            state.on_ready.append(lambda st: calibrate_router(routed, st))
+    raise typer.Exit(run_server(cfg, state))
+
+
+def calibrate_router(router: Router, state: State) -> None:
+    path = router.cfg.calibration
+    prompts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LmforgeError(f"{path}:{i + 1}: expected a JSON object with a 'prompt' string") from None
+    t = asyncio.run(router.calibrate(state.models, prompts))
+    print(f"router {router.name}: threshold {t:.4f} escalates {router.cfg.target_escalation:.0%} of "
+          f"{len(prompts)} calibration prompts", flush=True)

@@ -1,0 +1,1 @@
+"""Tiered routing: one model name in front of a cheap and an expensive tier."""
