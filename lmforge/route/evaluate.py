@@ -24,14 +24,15 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.lm import open_lm
 from lmforge.post.tasks import functions
 from lmforge.route.config import RouterConfig
-from lmforge.route.policy import apgr, confidence, cpt, operating_point, pgr_curve
-from lmforge.route.router import Router
+from lmforge.route.policy import apgr, confidence, cpt, operating_point, pgr_curve, threshold_for_rate
+from lmforge.route.router import Router, TierError, TierReply
 from lmforge.serve.api import Params
 from lmforge.serve.models import load_served
 
 
 # -- labelled data
-def task_prompts(roots: list[Path], limit: int, seed: int = 0, max_chars: int = 1200) -> list[dict]:
+def task_prompts(roots: list[Path], limit: int, seed: int = 0, max_chars: int = 1200,
+                 max_prompt_chars: int = 500) -> list[dict]:
     """Held-out queries: ``{"prompt": "def name(args):\\n    \\"\\"\\"doc\\"\\"\\"\\n", "reference": body}``."""
     out = []
     for root in roots:
@@ -48,7 +49,8 @@ def task_prompts(roots: list[Path], limit: int, seed: int = 0, max_chars: int = 
                     continue
                 prompt = "\n".join(lines[: end + 1]) + "\n"
                 reference = "\n".join(lines[end + 1 :]) + "\n"
-                if len(reference.strip()) >= 20:
+                # Short prompts: a small model's context must hold the prompt and its answer.
+                if len(reference.strip()) >= 20 and len(prompt) <= max_prompt_chars:
                     out.append({"prompt": prompt, "reference": reference, "source": f"{f}:{name}"})
     if not out:
         raise LmforgeError(f"no documented functions found under {', '.join(map(str, roots))}")
@@ -102,6 +104,20 @@ def read_labelled(path: Path) -> list[dict]:
     return rows
 
 
+def calibration_prompts(path: Path) -> list[str]:
+    """The ``prompt`` of each line of a JSONL file (labelled data works as well)."""
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                out.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LmforgeError(f"{path}:{i + 1}: expected a JSON object with a 'prompt' string") from None
+    if not out:
+        raise LmforgeError(f"{path}: no calibration prompts")
+    return out
+
+
 # -- scoring the policy
 @dataclass
 class Scored:
@@ -114,6 +130,8 @@ class Scored:
 def score_queries(router: Router, rows: list[dict], work_dir: Path, max_tokens: int = 48) -> Scored:
     cfg = router.cfg
     prompts = [r["prompt"] for r in rows]
+    if router.classifier is None and router.threshold is None:
+        prompts += calibration_prompts(cfg.calibration)
     if router.classifier is not None:
         p = router.classifier.p_large(prompts)
         return Scored(p, p >= router.threshold, np.zeros((len(rows), 2)), router.threshold)
@@ -121,10 +139,15 @@ def score_queries(router: Router, rows: list[dict], work_dir: Path, max_tokens: 
     models = {}
     if small.local:
         models[small.name] = load_served(f"{small.name}={small.model}", work_dir, 16, 10_000, "auto")
+    async def one(text):
+        try:
+            return await router._call(small, "completions", Params(
+                model=router.name, prompts=[text], max_tokens=max_tokens, temperature=0.0), models)
+        except TierError:  # e.g. a prompt the small tier's context cannot hold: it would escalate
+            return TierReply("", "error", 0, 0, [])
+
     async def run():
-        out = await asyncio.gather(*(router._call(small, "completions", Params(
-            model=router.name, prompts=[t], max_tokens=max_tokens, temperature=0.0), models) for t in prompts))
-        return out
+        return await asyncio.gather(*(one(t) for t in prompts))
     if small.local:
         models[small.name].engine.start()
     try:
@@ -132,11 +155,12 @@ def score_queries(router: Router, rows: list[dict], work_dir: Path, max_tokens: 
     finally:
         if small.local:
             models[small.name].engine.stop()
-    conf = np.array([confidence(r.logprobs, cfg.confidence) for r in replies])
+    conf = np.array([confidence(r.logprobs, cfg.confidence) for r in replies[: len(rows)]])
     threshold = router.threshold
-    if threshold is None:  # target_escalation: the quantile on this very data
-        from_rate = np.quantile(conf, cfg.target_escalation) if len(conf) else 0.0
-        threshold = float(from_rate)
+    if threshold is None:  # target_escalation: the quantile over the calibration prompts, as serving sets it
+        cal = np.array([confidence(r.logprobs, cfg.confidence) for r in replies[len(rows):]])
+        threshold = threshold_for_rate(cal.tolist(), cfg.target_escalation)
+    replies = replies[: len(rows)]
     return Scored(-conf, conf < threshold, np.array([[r.prompt_tokens, r.completion_tokens] for r in replies]),
                   threshold)
 
@@ -147,6 +171,8 @@ def evaluate_router(cfg: RouterConfig, rows: list[dict], work_dir: Path, max_tok
     qs = np.array([r["small"] for r in rows])
     ql = np.array([r["large"] for r in rows])
     shares, pgr = pgr_curve(qs, ql, s.score)
+    # The best any policy could do: route by the true per-query gain (an upper bound, not a policy).
+    oracle = apgr(*pgr_curve(qs, ql, ql - qs))
     op = operating_point(qs, ql, s.escalate)
     rate = op["share_large"]
     # Tokens per query: the small tier's measured answer; the large tier is priced on the same
@@ -168,11 +194,13 @@ def evaluate_router(cfg: RouterConfig, rows: list[dict], work_dir: Path, max_tok
                          "usd_per_1k": float(c_large.mean() * per_k)},
     }
     return {"router": str(cfg.path), "policy": cfg.policy, "confidence": cfg.confidence if cascade else None,
-            "threshold": s.threshold, "queries": len(rows), "apgr": apgr(shares, pgr), "apgr_random": 0.5,
+            "threshold": s.threshold, "queries": len(rows), "apgr": apgr(shares, pgr), "apgr_random": 0.5, "apgr_oracle": oracle,
             "cpt50": cpt(shares, pgr, 0.5), "cpt80": cpt(shares, pgr, 0.8), "operating": rows_out,
             "curve": {"share_large": shares.tolist(), "pgr": pgr.tolist()},
             "pgr_at": {f"{int(x * 100)}%": float(np.interp(x, shares, pgr)) for x in (0.1, 0.2, 0.3, 0.4, 0.5)},
-            "note": "large-tier cost priced on the small tier's token counts" if cascade else ""}
+            "note": "large-tier cost priced on the small tier's token counts" if cascade else
+                    f"both tiers priced at 200 prompt and {max_tokens} answer tokens per query (the classifier "
+                    "generates nothing offline)"}
 
 
 def plot_report(rep: dict, out: Path) -> Path:
@@ -206,7 +234,7 @@ def plot_report(rep: dict, out: Path) -> Path:
 
 def format_report(rep: dict) -> str:
     lines = [f"router {rep['router']}: {rep['policy']}, threshold {rep['threshold']:.4f}, {rep['queries']} queries",
-             f"APGR {rep['apgr']:.3f} (random 0.500)   CPT(50%) {_pct(rep['cpt50'])}   CPT(80%) {_pct(rep['cpt80'])}",
+             f"APGR {rep['apgr']:.3f} (random 0.500, oracle {rep['apgr_oracle']:.3f})   CPT(50%) {_pct(rep['cpt50'])}   CPT(80%) {_pct(rep['cpt80'])}",
              "", "| routing | large-tier calls | PGR | quality | $ per 1,000 queries |", "|---|---|---|---|---|"]
     for name, r in rep["operating"].items():
         lines.append(f"| {name.replace('_', ' ')} | {r['share_large']:.1%} | {r['pgr']:.3f} | {r['quality']:.4f} | "

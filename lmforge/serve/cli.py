@@ -8,10 +8,10 @@ from typing import List, Optional
 import typer
 
 import asyncio
-import json
 
 from lmforge.errors import LmforgeError
 from lmforge.route.config import load_router
+from lmforge.route.evaluate import calibration_prompts
 from lmforge.route.router import Router
 from lmforge.serve.app import ServeConfig, State, read_keys, run_server
 
@@ -78,14 +78,7 @@ def serve_cmd(
 
 
 def calibrate_router(router: Router, state: State) -> None:
-    path = router.cfg.calibration
-    prompts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LmforgeError(f"{path}:{i + 1}: expected a JSON object with a 'prompt' string") from None
+    prompts = calibration_prompts(router.cfg.calibration)
     t = asyncio.run(router.calibrate(state.models, prompts))
     print(f"router {router.name}: threshold {t:.4f} escalates {router.cfg.target_escalation:.0%} of "
           f"{len(prompts)} calibration prompts", flush=True)
