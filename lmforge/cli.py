@@ -23,6 +23,7 @@ from lmforge.cost.cli import cost_cmd, hw_cmd
 from lmforge.data.cli import data_cmd
 from lmforge.errors import Interrupted, LmforgeError
 from lmforge.eval.cli import audit_app, eval_cmd, provenance_cmd
+from lmforge.knowledge.cli import index_cmd
 from lmforge.route.cli import router_app
 from lmforge.serve.cli import serve_cmd
 from lmforge.export.cli import export_cmd, import_hf_cmd
@@ -107,6 +108,7 @@ app.add_typer(audit_app, name="audit")
 app.command("provenance")(provenance_cmd)
 app.command("serve")(serve_cmd)
 app.add_typer(router_app, name="router")
+app.command("index")(index_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

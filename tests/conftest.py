@@ -96,6 +96,38 @@ def chat_base(tiny_data, tmp_path_factory):
     return out
 
 
+RANDOM_CHAT_CTX = 4096
+
+
+@pytest.fixture(scope="session")
+def random_chat_model(tiny_data, tmp_path_factory):
+    """An untrained model with a real lmforge tokenizer (chat tokens included) that never ends a turn itself."""
+    import torch
+
+    from lmforge.model.io import save_model
+    from lmforge.model.model import ModelConfig, build_model
+    from lmforge.rundir import Manifest
+    from lmforge.tokenizer.io import load_tokenizer, special_ids
+
+    _, tok_dir = tiny_data
+    tok = load_tokenizer(tok_dir)
+    ids = special_ids(tok)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(depth=1, aspect=64, vocab_size=tok.get_vocab_size(), context=RANDOM_CHAT_CTX,
+                                    tie_embeddings=False))
+    with torch.no_grad():
+        # A residual dimension held large for every token acts as a bias on the logits: a strongly
+        # negative one for the stop tokens makes every answer run to max_tokens or to Stop.
+        model.tok_emb.weight[:, 0] = 10.0
+        model.lm_head.weight[[ids["eos"], ids["end"]], 0] = -10.0
+    out = tmp_path_factory.mktemp("webchat") / "model"
+    save_model(model, out)
+    man = Manifest(out, "train", {"note": "random init, for serving tests"})
+    man.add_input("tokenizer", tok_dir)
+    man.finish()
+    return out
+
+
 def run_cli(*args, env=None, timeout=300):
     import subprocess
 

@@ -9,8 +9,8 @@ import shutil
 import time
 
 import pytest
-import torch
 
+from conftest import RANDOM_CHAT_CTX
 from serving import serving, wait_until
 
 CHROMIUM = next((p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium")) if p and os.path.exists(p)), None)
@@ -18,34 +18,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not instal
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 
 KEY = "k-test-123456"
-CTX = 4096
-
-
-@pytest.fixture(scope="module")
-def random_chat_model(tiny_data, tmp_path_factory):
-    """An untrained model with a real lmforge tokenizer (chat tokens included) that never ends a turn itself."""
-    from lmforge.model.io import save_model
-    from lmforge.model.model import ModelConfig, build_model
-    from lmforge.rundir import Manifest
-    from lmforge.tokenizer.io import load_tokenizer, special_ids
-
-    _, tok_dir = tiny_data
-    tok = load_tokenizer(tok_dir)
-    ids = special_ids(tok)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(depth=1, aspect=64, vocab_size=tok.get_vocab_size(), context=CTX,
-                                    tie_embeddings=False))
-    with torch.no_grad():
-        # A residual dimension held large for every token acts as a bias on the logits: a strongly
-        # negative one for the stop tokens makes every answer run to max_tokens or to Stop.
-        model.tok_emb.weight[:, 0] = 10.0
-        model.lm_head.weight[[ids["eos"], ids["end"]], 0] = -10.0
-    out = tmp_path_factory.mktemp("webchat") / "model"
-    save_model(model, out)
-    man = Manifest(out, "train", {"note": "random init, for the web chat test"})
-    man.add_input("tokenizer", tok_dir)
-    man.finish()
-    return out
+CTX = RANDOM_CHAT_CTX
 
 
 @pytest.fixture

@@ -43,22 +43,26 @@ def open_chat(model_dir, work_dir=None) -> Chat:
     return Chat(load_model(base.model_dir), tok, chat_token_ids(tok))
 
 
-def prompt_ids(chat: Chat, max_new_tokens: int) -> list[int]:
+def prompt_ids(chat: Chat, max_new_tokens: int, augment=None) -> list[int]:
     """The rendered conversation plus ``<|assistant|>``, dropping the oldest turns until the prompt
-    leaves ``max_new_tokens`` of the context for the reply."""
+    leaves ``max_new_tokens`` of the context for the reply. ``augment(messages) -> (messages, _)``
+    may add to the conversation first (retrieved material, with ``lmforge chat --knowledge``)."""
     budget = max(1, chat.model.cfg.context - max_new_tokens)
     history = list(chat.history)
     while True:
-        tokens, _ = render(chat.messages(history), chat.tok, chat.ids, add_generation_prompt=True)
+        messages = chat.messages(history)
+        if augment is not None:
+            messages = augment(messages)[0]
+        tokens, _ = render(messages, chat.tok, chat.ids, add_generation_prompt=True)
         if len(tokens) <= budget or len(history) <= 1:
             return tokens[-budget:]
         history = history[2:] if len(history) > 2 else history[1:]
 
 
-def reply(chat: Chat, text: str, cfg: SampleConfig) -> Iterator[str]:
+def reply(chat: Chat, text: str, cfg: SampleConfig, augment=None) -> Iterator[str]:
     """Add the user's ``text``, stream the assistant's answer as text pieces, and keep it in the history."""
     chat.history.append({"role": "user", "content": text})
-    prompt = prompt_ids(chat, cfg.max_new_tokens)
+    prompt = prompt_ids(chat, cfg.max_new_tokens, augment)
     out: list[int] = []
     shown = ""
     for t in stream(chat.model, prompt, cfg, stop_ids=(chat.ids["end"], chat.ids["eos"])):

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from lmforge.config import flag_tree
+from lmforge.knowledge.augment import open_knowledge
 from lmforge.model.generate import SampleConfig
 from lmforge.post.chat import open_chat, reply
 from lmforge.post.distill import DistillConfig, distill
@@ -69,6 +70,8 @@ def chat_cmd(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per reply."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1 disables."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    knowledge: Optional[Path] = typer.Option(None, "--knowledge", help="An index from `lmforge index`: each turn "
+                                             "gets the top chunks quoted in its prompt, and the sources are listed."),
 ):
     """Chat with a model in the terminal; replies stream as they are generated.
 
@@ -79,6 +82,10 @@ def chat_cmd(
     """
     chat = open_chat(model)
     chat.system = system or ""
+    kb = None
+    if knowledge is not None:
+        kb = open_knowledge(knowledge, lambda t: len(chat.tok.encode(t, add_special_tokens=False).ids),
+                            chat.model.cfg.context)
     cfg = SampleConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -102,9 +109,18 @@ def chat_cmd(
             print(f"(system: {chat.system or 'none'})", flush=True)
             continue
         print("assistant> ", end="", flush=True)
-        for piece in reply(chat, text, cfg):
+        cited: list = []
+
+        def augment(messages):
+            out, cites = kb.augment(messages)
+            cited[:] = cites
+            return out, cites
+
+        for piece in reply(chat, text, cfg, augment if kb is not None else None):
             print(piece, end="", flush=True)
         print(flush=True)
+        for i, c in enumerate(cited, 1):
+            print(f"  [source {i}] {c['source']}:{c['start']}-{c['end']} (line {c['line']})", flush=True)
 
 
 def dpo_cmd(

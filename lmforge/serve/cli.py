@@ -10,6 +10,8 @@ import typer
 import asyncio
 
 from lmforge.errors import LmforgeError
+from lmforge.knowledge.augment import open_knowledge
+from lmforge.knowledge.index import open_index
 from lmforge.route.config import load_router
 from lmforge.route.evaluate import calibration_prompts
 from lmforge.route.router import Router
@@ -39,6 +41,11 @@ def serve_cmd(
     hardware: str = typer.Option("cpu", "--hardware", help="Hardware catalog entry that prices tokens."),
     router: Optional[Path] = typer.Option(None, "--router", help="A router file (TOML): one model name in front "
                                           "of a small and a large tier; see `lmforge router --help`."),
+    knowledge: Optional[Path] = typer.Option(None, "--knowledge", help="An index from `lmforge index`: each chat "
+                                             "turn gets the top chunks in its prompt and the answer cites them."),
+    knowledge_k: int = typer.Option(4, "--knowledge-k", help="Chunks retrieved per user turn."),
+    knowledge_tokens: Optional[int] = typer.Option(None, "--knowledge-tokens", help="Token budget for the quoted "
+                                                   "chunks (default: a third of the smallest served context)."),
     no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Skip the one-second throughput measurement "
                                       "that prices tokens (the ledger then records $0)."),
 ):
@@ -70,6 +77,9 @@ def serve_cmd(
                       max_queue=max_queue, max_body=max_body, drain_timeout=drain_timeout, precision=precision,
                       hardware=hardware, calibrate=not no_calibrate, banner=True, threads=threads)
     state = State(cfg)
+    if knowledge is not None:
+        open_index(knowledge).close()  # a bad path fails now, not at the first request
+        state.on_ready.append(lambda st: attach_knowledge(st, knowledge, knowledge_k, knowledge_tokens))
     if routed is not None:
         state.virtual[routed.name] = routed
         if routed.threshold is None:
@@ -82,3 +92,9 @@ def calibrate_router(router: Router, state: State) -> None:
     t = asyncio.run(router.calibrate(state.models, prompts))
     print(f"router {router.name}: threshold {t:.4f} escalates {router.cfg.target_escalation:.0%} of "
           f"{len(prompts)} calibration prompts", flush=True)
+
+
+def attach_knowledge(state: State, path: Path, k: int, budget: Optional[int]) -> None:
+    """Retrieval for every chat request, counted in the tokens of the served model with the smallest context."""
+    m = min(state.models.values(), key=lambda x: x.context)
+    state.knowledge = open_knowledge(path, lambda text: len(m.encode(text)), m.context, k, budget)
