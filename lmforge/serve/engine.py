@@ -9,8 +9,9 @@ Each slot owns a preallocated region of one key/value cache (``slots x context``
 so no memory is allocated per request. Active sequences are kept in slots ``0..B-1``: when one
 leaves, the last one's cache moves into its slot (one copy of one sequence), so a decode step
 reads a contiguous slice of the cache instead of gathering rows. Paged blocks would save
-memory when contexts are long and sequences short; at this project's contexts (<= 2k tokens)
-the whole cache for 64 slots is a few MB per layer, and the copy is not measurable.
+memory when contexts are long and sequences short, and pay when memory rather than compute
+limits the batch. At this project's sizes it is compute: 64 slots of a depth-6 model at
+context 512 take 604 MB in fp32, allocated once.
 
 Sampling parameters, stop tokens, stop strings and the token budget are per sequence.
 The engine is plain Python: ``Engine(model, tok).generate([GenRequest(...)])`` needs no
