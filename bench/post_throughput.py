@@ -10,14 +10,18 @@ where the CPU supports it, backward, clip_grad_norm_, AdamW) on rows of context 
   sft-packed   conversations packed into rows, attention and positions per conversation, loss
                on assistant tokens only (lmforge sft, the default)
   sft-padded   one conversation per row, padded (lmforge sft --no-packing)
-  dpo          pairs packed into rows, each answer's summed log-probability (lmforge dpo)
+  dpo          pairs packed into rows with one copy of the prompt (tree attention: each answer sees
+               the prompt, not the other answer), each answer's summed log-probability (lmforge dpo)
+  dpo-twice    the same pairs as prompt+chosen and prompt+rejected, two documents (the layout lmforge
+               dpo used before sharing the prompt), for comparison
 
 Conversation lengths are drawn uniformly from 24..200 tokens (seeded), half of each a prompt;
 a pair is a prompt of 12..100 tokens with two answers of 12..100 each. Both are packed with
 lmforge.post.chats, so row fill is what the packer achieves. Variants
 alternate round-robin (the start rotates each round) so background load hits all alike;
 the table reports medians. "slots/s" counts every position of a row (what the model computes);
-"tokens/s" counts only conversation tokens (pads excluded): for DPO, chosen and rejected both.
+"tokens/s" counts only conversation tokens (pads excluded): for DPO, chosen and rejected both,
+each with its prompt (2P + C + R per pair, however many positions the layout computes).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +43,7 @@ from lmforge.cost.hw import bf16_supported_on_cpu  # noqa: E402
 from lmforge.model import ModelConfig, build_model  # noqa: E402
 from lmforge.post.chats import pack, pack_groups  # noqa: E402
 from lmforge.post.dpo import dpo_losses, sequence_logps  # noqa: E402
-from lmforge.post.sft import Rows, packed_loss, padded_loss  # noqa: E402
+from lmforge.post.sft import Rows, doc_attention, packed_loss, padded_loss  # noqa: E402
 from lmforge.train.workload import next_token_loss  # noqa: E402
 
 VOCAB = 4096
@@ -72,15 +77,16 @@ def main() -> None:
     convs = conversations(40 * B, rng)
     packed = Rows.of(pack(convs, T, 2))
     padded = Rows.of(pack(convs, T, 2, packing=False))
-    groups = []
-    for _ in range(20 * B):  # a shared prompt, then a chosen and a rejected answer of independent lengths
+    twice, shared = [], []
+    for _ in range(20 * B):  # a prompt, then a chosen and a rejected answer of independent lengths
         prompt = [rng.randrange(7, VOCAB) for _ in range(rng.randint(12, 100))]
         answers = [[rng.randrange(7, VOCAB) for _ in range(rng.randint(12, 100))] for _ in range(2)]
-        groups.append([(prompt + a, [False] * len(prompt) + [True] * len(a)) for a in answers])
-    pairs = Rows.of(pack_groups(groups, T, 2))
-    n_pairs = int(pairs.doc.max()) // 2
-    ref = torch.zeros(B, n_pairs, 2)
-    valid = torch.ones(B, n_pairs, dtype=torch.bool)
+        twice.append([(prompt + a, [False] * len(prompt) + [True] * len(a)) for a in answers])
+        shared.append([(prompt[:-1], [False] * (len(prompt) - 1)), (prompt[-1:], [False]),
+                       (answers[0], [True] * len(answers[0])), (prompt[-1:] + answers[1], [False] + [True] * len(answers[1]))])
+    pairs = Rows.of(pack_groups(shared, T, 2, has_target=lambda g: True))
+    pairs_twice = Rows.of(pack_groups(twice, T, 2))
+    n_pairs, n_twice = int(pairs.doc.max()) // 4, int(pairs_twice.doc.max()) // 2
     flat = torch.randint(7, VOCAB, (B, T + 1))
 
     def batch(rows: Rows, i: int):
@@ -89,14 +95,26 @@ def main() -> None:
     def dpo_loss(model, b):
         x, y, doc = b
         logps, lens = sequence_logps(model, x, y, doc, n_pairs)
-        ok = valid & (lens[..., 0] > 0)
-        return dpo_losses(logps, ref, lens, 0.1, "sigmoid")[ok].mean()
+        ok = lens[..., 0] > 0
+        return dpo_losses(logps, torch.zeros_like(logps), lens, 0.1, "sigmoid")[ok].mean()
+
+    def dpo_twice_loss(model, b):
+        x, y, doc = b
+        positions, mask = doc_attention(doc)
+        logits = model(x, positions=positions, attn_mask=mask)
+        learned = y != -1
+        lp = -F.cross_entropy(logits.float().flatten(0, 1), y.clamp(min=0).flatten(), reduction="none").view_as(y)
+        sums = torch.zeros(B, 2 * n_twice + 1).scatter_add_(1, doc.long(), lp * learned)[:, 1:].view(B, n_twice, 2)
+        lens = torch.zeros(B, 2 * n_twice + 1).scatter_add_(1, doc.long(), learned.float())[:, 1:].view(B, n_twice, 2)
+        ok = lens[..., 0] > 0
+        return dpo_losses(sums, torch.zeros_like(sums), lens, 0.1, "sigmoid")[ok].mean()
 
     variants = {
         "pretrain": (lambda i: (flat[:, :-1], flat[:, 1:]), next_token_loss, None),
         "sft-packed": (lambda i: batch(packed, i), packed_loss, packed),
         "sft-padded": (lambda i: batch(padded, i), padded_loss, padded),
         "dpo": (lambda i: batch(pairs, i), dpo_loss, pairs),
+        "dpo-twice": (lambda i: batch(pairs_twice, i), dpo_twice_loss, pairs_twice),
     }
     cfg = ModelConfig(depth=args.depth, vocab_size=VOCAB, context=T)
     models, opts = {}, {}
@@ -105,7 +123,10 @@ def main() -> None:
         models[name] = build_model(cfg)
         opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
     times: dict[str, list[float]] = {n: [] for n in variants}
+    # Counted tokens per position: a shared-prefix pair computes P + C + R + 1 positions and counts
+    # 2P + C + R tokens, i.e. its positions plus its P - 1 prompt tokens (document kind 0).
     fill = {n: (float((r.doc[:, :-1] > 0).float().mean()) if r is not None else 1.0) for n, (_, _, r) in variants.items()}
+    fill["dpo"] += float(((pairs.doc[:, :-1] > 0) & ((pairs.doc[:, :-1] - 1) % 4 == 0)).float().mean())
     names = list(variants)
 
     def step(name: str, i: int) -> None:
@@ -130,11 +151,13 @@ def main() -> None:
     print(f"cpu bf16: {'yes (autocast bf16)' if bf16 else 'no (fp32)'}  threads {torch.get_num_threads()}  "
           f"model depth {args.depth} (d_model {cfg.d_model})  context {T}  batch {B}  vocab {VOCAB}")
     base = B * T / statistics.median(times["pretrain"])
-    print(f"{'variant':<12} {'s/step':>8} {'slots/s':>9} {'vs pretrain':>12} {'row fill':>9} {'tokens/s':>9}")
+    print(f"{'variant':<12} {'s/step':>8} {'slots/s':>9} {'vs pretrain':>12} {'tokens/slot':>12} {'tokens/s':>9} "
+          f"{'vs pretrain':>12}")
     for name in names:
         s = statistics.median(times[name])
         slots = B * T / s
-        print(f"{name:<12} {s:8.3f} {slots:9,.0f} {slots / base:12.3f} {fill[name]:9.1%} {slots * fill[name]:9,.0f}")
+        print(f"{name:<12} {s:8.3f} {slots:9,.0f} {slots / base:12.3f} {fill[name]:12.3f} {slots * fill[name]:9,.0f} "
+              f"{slots * fill[name] / base:12.3f}")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,40 @@ def test_dpo_resumes_bitwise_and_reads_the_reference_from_its_cache(chat_base, p
     assert m["ref_cache"] == "hit" and m["ref_forward_rows"] == 0  # the reference did not run again
     a, b = load_model(tmp_path / "ref").state_dict(), load_model(run).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shared_prompt_gives_each_answer_the_log_probability_it_has_alone(chat_base):
+    """Pairs packed with one copy of the prompt per row (tree attention) score each answer exactly
+    as ``prompt + answer`` scored on its own."""
+    from lmforge.post.chats import chat_token_ids, pack_groups, render
+    from lmforge.post.dpo import encode_pair, pair_has_target, sequence_logps
+    from lmforge.post.sft import Rows
+    from lmforge.tokenizer.io import load_tokenizer, tokenizer_dir_for
+
+    model = load_model(chat_base).eval()
+    tok = load_tokenizer(tokenizer_dir_for(chat_base))
+    ids = chat_token_ids(tok)
+    # Short pairs, so that several share a row of the model's 128-token context.
+    pairs = [([{"role": "user", "content": p["prompt"][0]["content"][:12]}], p["chosen"][:14], p["rejected"][:10])
+             for p in make_pairs(12)]
+    packed = pack_groups([encode_pair(p, tok, ids) for p in pairs], model.cfg.context, ids["pad"] or 0,
+                         has_target=pair_has_target)
+    rows = Rows.of(packed)
+    assert int(rows.doc.max()) >= 8  # several pairs share a row, so the mask has work to do
+    n_pairs = int(rows.doc.max()) // 4
+    with torch.no_grad():
+        logps, lens = sequence_logps(model, *rows.batch(torch.arange(len(rows))), n_pairs)
+    got = [(float(logps[r, i, k]), int(lens[r, i, k])) for r in range(len(rows))
+           for i in range(int(rows.doc[r].max()) // 4) for k in (0, 1)]
+    want = []
+    for prompt, chosen, rejected in pairs:  # the packer keeps pairs in order within this small block
+        for answer in (chosen, rejected):
+            tokens, mask = render(prompt + [{"role": "assistant", "content": answer}], tok, ids)
+            x, y = torch.tensor([tokens[:-1]]), torch.tensor(tokens[1:])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(x)[0].float(), -1)[torch.arange(len(y)), y]
+            learned = torch.tensor(mask[1:])
+            want.append((float(lp[learned].sum()), int(learned.sum())))
+    assert sorted(w[1] for w in want) == sorted(g[1] for g in got)
+    for (g, gn) in got:  # match by (length, value): packing reorders pairs by size
+        assert any(gn == wn and abs(g - w) < 1e-3 for w, wn in want), (g, gn)

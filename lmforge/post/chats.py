@@ -166,17 +166,19 @@ def pack(encoded: list[tuple[list[int], list[bool]]], context: int, pad_id: int,
 
 
 def pack_groups(groups: list[list[tuple[list[int], list[bool]]]], context: int, pad_id: int,
-                packing: bool = True) -> Packed:
+                packing: bool = True, has_target=None) -> Packed:
     """:func:`pack` for groups of sequences that must share a row (a preference pair's chosen and
     rejected answers): each sequence is its own document, numbered in order within the row, so
-    the i-th group in a row holds documents ``k*i + 1 .. k*i + k`` when every group has k."""
+    the i-th group in a row holds documents ``k*i + 1 .. k*i + k`` when every group has k.
+    ``has_target(group)`` says whether a group has something to learn (default: every sequence
+    has a learned token after its first)."""
     width = context + 1
     out, rows = Packed(), []  # rows: [tokens, mask, doc, n_docs]
     kept = []
     for group in groups:
         if sum(len(t) for t, _ in group) > width:
             out.dropped["too_long"] += 1
-        elif not all(any(m[1:]) for _, m in group):
+        elif not (has_target(group) if has_target else all(any(m[1:]) for _, m in group)):
             out.dropped["no_target"] += 1
         else:
             kept.append(group)

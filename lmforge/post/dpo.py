@@ -37,7 +37,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.io import load_config, unwrap
 from lmforge.post.base import resolve_base
 from lmforge.post.chats import ROLES, chat_token_ids, check_messages, pack_groups, records, render
-from lmforge.post.sft import Rows, TuneConfig, doc_attention, held_out, steps_for, trainer_config
+from lmforge.post.sft import Rows, TuneConfig, held_out, steps_for, trainer_config
 from lmforge.rundir import file_mode, hash_file, hash_json, new_temp
 from lmforge.train import distributed as D
 from lmforge.train.batches import Order, micro_batch_ids
@@ -143,14 +143,48 @@ def read_pairs(path, skip_bad: bool = False) -> PairSet:
 
 
 def encode_pair(pair: tuple, tok, ids: dict) -> list[tuple[list[int], list[bool]]]:
-    """[chosen, rejected], each the prompt then the answer, trained on the answer and its ``<|end|>`` only."""
+    """The pair as four segments that share one copy of the prompt in a row: the prompt but its last
+    token; the prompt's last token; the chosen answer; the prompt's last token again, then the
+    rejected answer. :func:`shared_prefix_attention` lets each answer see the prompt and not the
+    other answer, so both log-probabilities equal those of ``prompt + answer`` computed alone, for
+    P + C + R + 1 positions instead of 2P + C + R. Only the answers and their ``<|end|>`` are learned."""
     prompt, chosen, rejected = pair
-    n_prompt = len(render(prompt, tok, ids, add_generation_prompt=True)[0])
-    out = []
+    p = render(prompt, tok, ids, add_generation_prompt=True)[0]
+    segments = [(p[:-1], [False] * (len(p) - 1)), (p[-1:], [False])]
     for answer in (chosen, rejected):
         tokens, mask = render(prompt + [{"role": "assistant", "content": answer}], tok, ids)
-        out.append((tokens, [False] * n_prompt + mask[n_prompt:]))
-    return out
+        segments.append((tokens[len(p):], mask[len(p):]))
+    body, mask = segments[3]
+    segments[3] = (p[-1:] + body, [False] + mask)  # the repeated last prompt token predicts the first rejected one
+    return segments
+
+
+def pair_has_target(segments) -> bool:
+    return any(segments[2][1]) and any(segments[3][1][1:])
+
+
+# Which segment may attend to which (rows: query; columns: key), by a token's kind: 0 the prompt but
+# its last token, 1 the prompt's last token, 2 chosen, 3 the repeated last token then rejected, 4 padding.
+# The rejected branch skips kind 1: its own copy of that token stands in, at the same position.
+SEES = torch.tensor([[1, 1, 0, 0, 0],
+                     [1, 1, 0, 0, 0],
+                     [1, 1, 1, 0, 0],
+                     [1, 0, 0, 1, 0],
+                     [0, 0, 0, 0, 1]], dtype=torch.bool)
+
+
+def shared_prefix_attention(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and the (B, 1, T, T) causal mask for rows of shared-prefix pairs: pair i's
+    segments are documents 4i+1 .. 4i+4 (see :func:`encode_pair`), 0 is padding. A token's
+    position is the number of tokens it attends to before itself, so each answer continues from
+    the end of the prompt."""
+    d = doc.long()
+    pair = torch.where(d > 0, (d - 1) // 4, -1)
+    kind = torch.where(d > 0, (d - 1) % 4, 4)
+    T = d.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
+    see = SEES.to(d.device)[kind[:, :, None], kind[:, None, :]] & (pair[:, :, None] == pair[:, None, :]) & causal
+    return see.sum(-1) - 1, see[:, None]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -158,16 +192,21 @@ def encode_pair(pair: tuple, tok, ids: dict) -> list[tuple[list[int], list[bool]
 
 def sequence_logps(model, x, y, doc, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, lengths) of shape (B, n_pairs, 2): each answer's summed token log-probability and
-    its number of learned tokens; chosen is document 2i+1 of a row, rejected 2i+2."""
-    positions, mask = doc_attention(doc)
+    its number of learned tokens. The first chosen token is predicted from the prompt's last
+    token (document 4i+2), the rest from the chosen document (4i+3); the rejected answer from 4i+4."""
+    positions, mask = shared_prefix_attention(doc)
     logits = model(x, positions=positions, attn_mask=mask)
     learned = y != -1
     tok_logp = -F.cross_entropy(logits.float().flatten(0, 1), y.clamp(min=0).flatten(), reduction="none").view_as(y)
     tok_logp = tok_logp * learned
-    B, width = doc.shape[0], 2 * n_pairs + 1
+    B, width = doc.shape[0], 4 * n_pairs + 1
     sums = torch.zeros(B, width, device=x.device).scatter_add_(1, doc.long(), tok_logp)
     lens = torch.zeros(B, width, device=x.device).scatter_add_(1, doc.long(), learned.float())
-    return sums[:, 1:].view(B, n_pairs, 2), lens[:, 1:].view(B, n_pairs, 2)
+
+    def answers(t):
+        return torch.stack([t[:, 2::4] + t[:, 3::4], t[:, 4::4]], dim=-1)
+
+    return answers(sums), answers(lens)
 
 
 def dpo_losses(logps: torch.Tensor, ref: torch.Tensor, lens: torch.Tensor, beta: float, loss: str) -> torch.Tensor:
@@ -230,8 +269,8 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
 def _pair_table(rows: Rows) -> tuple[torch.Tensor, int]:
     """(n_rows, n_pairs) validity of each pair slot, and the most pairs in a row."""
     n_docs = rows.doc.max(dim=1).values
-    n_pairs = max(1, int(n_docs.max()) // 2)
-    valid = torch.arange(n_pairs)[None, :] < (n_docs // 2)[:, None]
+    n_pairs = max(1, int(n_docs.max()) // 4)
+    valid = torch.arange(n_pairs)[None, :] < (n_docs // 4)[:, None]
     return valid, n_pairs
 
 
@@ -246,8 +285,10 @@ def dpo(cfg: DPOConfig, resume: bool | str = False, progress: bool = True) -> di
     context = load_config(base.model_dir).context
     train_i, val_i = _split(len(pairs.pairs), cfg.val_fraction, cfg.seed)
     pad = ids["pad"] or 0
-    packed = pack_groups([encode_pair(pairs.pairs[i], tok, ids) for i in train_i], context, pad)
-    val_packed = pack_groups([encode_pair(pairs.pairs[i], tok, ids) for i in val_i], context, pad)
+    packed = pack_groups([encode_pair(pairs.pairs[i], tok, ids) for i in train_i], context, pad,
+                         has_target=pair_has_target)
+    val_packed = pack_groups([encode_pair(pairs.pairs[i], tok, ids) for i in val_i], context, pad,
+                             has_target=pair_has_target)
     if not packed.tokens or not val_packed.tokens:
         raise LmforgeError(f"{cfg.data}: no pair fits the model's context of {context} tokens in the "
                            f"{'train' if not packed.tokens else 'held-out'} split (dropped: {dict(packed.dropped)})")
