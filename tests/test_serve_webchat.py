@@ -75,7 +75,10 @@ def test_web_chat_streams_keeps_history_stops_and_loads_nothing_external(served)
             assert chat_bodies[0]["stream"] is True and chat_bodies[0]["max_tokens"] == 16
             assert chat_bodies[0]["temperature"] == 0.5 and chat_bodies[0]["model"] == "web"
 
-            # A long answer (up to the context), watched as it grows, then stopped.
+            # A long answer (up to the context), watched as it grows, then stopped. Each engine step is
+            # slowed a little so that a fast machine cannot finish the answer before the click lands.
+            step = engine.step
+            engine.step = lambda: (time.sleep(0.005), step())[1]
             page.fill("#max-tokens", "")
             page.fill("#input", "and again")
             page.click("#send")
