@@ -41,7 +41,6 @@ def task_prompts(roots: list[Path], limit: int, seed: int = 0, max_chars: int = 
             if f.is_symlink():
                 continue
             for name, sig, _, doc, source in functions(f, methods=True):
-                head, _, body = source.partition(":\n")
                 lines = source.splitlines()
                 # The prompt is everything up to the end of the docstring; the reference is the rest.
                 end = next((i for i, line in enumerate(lines[1:], 1) if line.rstrip().endswith(('"""', "'''"))), None)

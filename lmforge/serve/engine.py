@@ -78,7 +78,7 @@ class Completion:
 
 class _Seq:
     __slots__ = ("req", "on_event", "id", "out", "pos", "next_token", "gen", "text", "sent", "prefix_at", "read_at",
-                 "pending_lp", "cancelled", "finish", "t_submit", "t_first", "t_last")
+                 "pending_lp", "cancelled", "finish")
 
     def __init__(self, req: GenRequest, on_event, sid: int):
         self.req, self.on_event, self.id = req, on_event, sid
@@ -92,7 +92,6 @@ class _Seq:
         self.pending_lp: list[dict] = []
         self.cancelled = False
         self.finish: str | None = None
-        self.t_submit, self.t_first, self.t_last = time.perf_counter(), None, None
 
 
 class Handle:
@@ -349,7 +348,6 @@ class Engine:
         want_lp = [s.req.logprobs is not None for s in seqs]
         logp = F.log_softmax(logits, -1) if any(want_lp) else None
         greedy = logits.argmax(-1).tolist()
-        now = time.perf_counter()
         for i, s in enumerate(seqs):
             r = s.req
             if r.temperature <= 0:
@@ -357,8 +355,6 @@ class Engine:
             else:
                 row = filter_logits(logits[i : i + 1] / r.temperature, r.top_k, r.top_p)
                 t = int(torch.multinomial(row.softmax(-1), 1, generator=s.gen))
-            s.t_first = s.t_first or now
-            s.t_last = now
             if t in r.stop_ids:
                 self._finish(s, "stop")
                 continue
