@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli
 from lmforge.data.cleaned import iter_clean
 from lmforge.data.prepare import DataConfig, prepare_data
+from lmforge.data.quality import FilterConfig
 from lmforge.data.shards import TokenData, dtype_for
 from lmforge.tokenizer.encode import tokenize_data
 from lmforge.errors import LmforgeError
@@ -27,8 +28,13 @@ def doc(i: int, n: int = 3) -> str:
     return f"document {i}: " + " ".join(words)
 
 
+# Random-word documents are what the quality filters exist to remove; these tests are about the rest
+# of the stage (tests/test_data_quality.py and test_data_pipeline.py cover the filters).
+NO_FILTERS = FilterConfig(gopher=False, repetition=False, c4=False, code=False)
+
+
 def cfg(**kw):
-    return DataConfig(**{"min_chars": 20, "val_fraction": 0.2, **kw})
+    return DataConfig(**{"min_chars": 20, "val_fraction": 0.2, "filters": NO_FILTERS, **kw})
 
 
 def kept_texts(out) -> list[str]:
@@ -99,19 +105,15 @@ def test_near_duplicates_removed_unless_disabled(tmp_path):
 
 
 def test_partial_overlap_is_not_a_near_duplicate(tmp_path):
-    from lmforge.data.clean import Deduper
-
     a = doc(1, n=6)
     words = a.split()
     half = " ".join(words[: len(words) // 2] + doc(2, n=3).split())  # shares about a third of its shingles
-    d = Deduper(tmp_path / "d.sqlite", threshold=0.8, num_perm=128)
-    try:
-        assert not d.check_and_add_near(a) and not d.check_and_add_near(half)
-        assert d.check_and_add_near(" ".join(words[:-1] + ["changed"]))
-        assert not d.check_and_add_near("too few words")  # under one shingle: left to exact dedup
-    finally:
-        d.close()
-    assert not (tmp_path / "d.sqlite").exists()
+    changed = " ".join(words[:-1] + ["changed"])
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in (a, half, changed, "too few words, but long enough")])
+    man = prepare_data([str(src)], tmp_path / "out", cfg(), progress=False)
+    assert man["metrics"]["dropped"]["near_dup"] == 1 and man["metrics"]["docs_kept"] == 3
+    assert sorted(kept_texts(tmp_path / "out")) == sorted([a, half, "too few words, but long enough"])
+    assert not (tmp_path / "out" / "work").exists()
 
 
 def test_split_is_deterministic_by_content(tmp_path):
@@ -342,7 +344,7 @@ def test_cli_config_file_flags_and_set(tmp_path):
     conf = tmp_path / "run.toml"
     conf.write_text(f'[data]\nsources = ["{src}"]\nmin_chars = 10\nval_fraction = 0.3\nnum_perm = 64\n'
                     '[train]\nlr = 1.0\n')
-    res = run_cli("data", "-c", conf, "--no-near-dedup", "--set", "data.min_chars=20", "--set", "data.num_perm=32",
+    res = run_cli("data", "-c", conf, "--no-filters", "--no-near-dedup", "--set", "data.min_chars=20", "--set", "data.num_perm=32",
                   "--min-chars", "30", "-o", tmp_path / "o", "-q")
     assert res.returncode == 0, res.stderr
     man = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -363,7 +365,7 @@ def test_cli_tokenizer_then_tokenize(tmp_path):
     assert "bytes/token" in res.stdout and "train" in res.stdout
     td = TokenData(tmp_path / "d")
     assert td.vocab_size == 300 and len(td.split("train")) > 0
-    res = run_cli("data", src, "-o", tmp_path / "d2", "--val-fraction", "0.3", "--tokenizer", tmp_path / "t", "-q")
+    res = run_cli("data", src, "--no-filters", "-o", tmp_path / "d2", "--val-fraction", "0.3", "--tokenizer", tmp_path / "t", "-q")
     assert res.returncode == 0, res.stderr
     assert np.array_equal(TokenData(tmp_path / "d2").split("val").window(0, 50), td.split("val").window(0, 50))
     one_line_error(run_cli("data", src, "-o", tmp_path / "d3", "--tokenizer", tmp_path / "nope", "-q"),
@@ -378,10 +380,11 @@ def test_cli_tokenizer_then_tokenize(tmp_path):
 RSS_SCRIPT = """
 import resource, sys
 from lmforge.data.prepare import DataConfig, prepare_data
+from lmforge.data.quality import FilterConfig
 from lmforge.tokenizer.encode import tokenize_data
 mode, a, b = sys.argv[1:4]
 if mode == "clean":
-    prepare_data([a], b, DataConfig(min_chars=20), progress=False)
+    prepare_data([a], b, DataConfig(min_chars=20, workers=1), progress=False)  # default filters and PII, in-process
 else:
     tokenize_data(a, b, progress=False)
 try:
@@ -398,10 +401,12 @@ def make_big(root: Path, n_docs: int, words: int = 150) -> Path:
     total size what grows per byte (a buffered corpus)."""
     root.mkdir()
     rng = np.random.default_rng(0)
-    vocab = np.array(["".join(chr(97 + c) for c in rng.integers(0, 26, size=6)) for _ in range(5000)])
+    # A fifth of the words are common English ones, so the documents pass the default quality filters.
+    common = ["the", "of", "and", "to", "in", "is", "that", "for", "with", "was"] * 125
+    vocab = np.array(["".join(chr(97 + c) for c in rng.integers(0, 26, size=6)) for _ in range(5000)] + common)
     with open(root / "big.jsonl", "w") as f:
         for _ in range(n_docs):
-            f.write(json.dumps({"text": " ".join(vocab[rng.integers(0, 5000, size=words)])}) + "\n")
+            f.write(json.dumps({"text": " ".join(vocab[rng.integers(0, len(vocab), size=words)]) + "."}) + "\n")
     return root / "big.jsonl"
 
 
@@ -420,6 +425,8 @@ def check_flat_memory(tmp_path: Path, n_small: int, factor: int) -> None:
         src = make_big(tmp_path / name, n)
         data = tmp_path / f"data_{name}"
         peaks[name] = {"clean": peak_rss_mb("clean", src, data), "MB": src.stat().st_size / 1e6}
+        m = json.loads((data / "manifest.json").read_text())["metrics"]
+        assert m["docs_kept"] > 0.95 * n, m["dropped"]  # the filters ran on every document, and kept them
         if name == "small":
             train_tokenizer(data, tmp_path / "tok", vocab_size=1024, max_train_bytes=1_000_000, progress=False)
         peaks[name]["tokenize"] = peak_rss_mb("tokenize", data, tmp_path / "tok")

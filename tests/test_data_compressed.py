@@ -16,7 +16,7 @@ from conftest import run_cli
 from lmforge.data.cleaned import iter_clean
 from lmforge.data.prepare import DataConfig, prepare_data
 from lmforge.errors import LmforgeError
-from test_data import doc
+from test_data import NO_FILTERS, doc
 
 CODECS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
           ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}
@@ -27,7 +27,7 @@ def kept(out) -> set[str]:
 
 
 def run(src, out):
-    return prepare_data([str(src)], out, DataConfig(min_chars=20, val_fraction=0.2, dedup_near=False), progress=False)
+    return prepare_data([str(src)], out, DataConfig(min_chars=20, val_fraction=0.2, dedup_near=False, filters=NO_FILTERS), progress=False)
 
 
 def tar_bytes(members: dict[str, bytes]) -> bytes:
@@ -97,6 +97,6 @@ def test_cli_reports_corrupt_archives(tmp_path):
     tree.mkdir()
     (tree / "good.txt.gz").write_bytes(gzip.compress(doc(1).encode()))
     (tree / "bad.txt.gz").write_bytes(gzip.compress(doc(2).encode())[:30])
-    res = run_cli("data", tree, "-o", tmp_path / "out", "--min-chars", "20", "--val-fraction", "0.5")
+    res = run_cli("data", tree, "--no-filters", "-o", tmp_path / "out", "--min-chars", "20", "--val-fraction", "0.5")
     assert res.returncode == 0, res.stderr
     assert "dropped: corrupt_archive" in res.stdout

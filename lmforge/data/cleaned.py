@@ -23,6 +23,13 @@ def clean_files(data_dir, split: str) -> list[Path]:
     return [Path(data_dir) / "clean" / f for f in out["files"]]
 
 
+def clean_sources(data_dir, split: str) -> list[str]:
+    """The source name of each of :func:`clean_files`' shards (every shard holds one source's documents)."""
+    man = read_manifest(data_dir, expect_stage="data")
+    out = man.get("outputs", {}).get(f"clean_{split}", {})
+    return out.get("sources") or ["corpus"] * len(out.get("files", []))
+
+
 def iter_clean(data_dir, split: str) -> Iterator[str]:
     """The cleaned documents of one split, in order, one at a time."""
     for f in clean_files(data_dir, split):

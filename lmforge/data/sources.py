@@ -5,6 +5,8 @@ A source string is one of:
 - a directory: every text file under it (binary files are counted and skipped);
 - a file ending in ``.jsonl`` / ``.ndjson`` (JSON lines) with a text field; any other file
   (``.json`` included) is one plain-text document;
+- an ``.html`` / ``.htm`` file (compressed or in a tar archive too) is one document: its main
+  content as text (:mod:`lmforge.data.html`), boilerplate such as navigation left out;
 - any of those compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``: read as the file they hold),
   and tar archives (``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``, ``.tar.zst``),
   whose regular members are one document each (see :mod:`lmforge.data.compressed`);
@@ -30,6 +32,7 @@ from typing import Iterator
 
 from lmforge.data.compressed import codec_of, corrupt_errors, inner_name, is_tar, iter_tar, open_text, read_document
 from lmforge.data.corpus import default_corpus_paths
+from lmforge.data.html import html_to_text, is_html
 from lmforge.errors import LmforgeError
 
 BINARY_SNIFF = 8192
@@ -132,8 +135,18 @@ def iter_file(f: Path, text_field: str, stats: Drops) -> Iterator[tuple[str, str
             stats.drop("too_long", f)
             return
         text = decode_bytes(raw, stats)
+        if text is not None and is_html(name):
+            text = _html_text(text, f, stats)
         if text is not None:
             yield str(f), text
+
+
+def _html_text(html: str, where, stats: Drops) -> str | None:
+    """The main content of an HTML page as text; a page with none (only navigation, say) is counted."""
+    text = html_to_text(html)
+    if text is None:
+        stats.drop("html_empty", where)
+    return text
 
 
 def _iter_tar(f: Path, stats: Drops) -> Iterator[tuple[str, str]]:
@@ -144,6 +157,8 @@ def _iter_tar(f: Path, stats: Drops) -> Iterator[tuple[str, str]]:
                 stats.drop("too_long", f"{f}#{member}")
                 continue
             text = decode_bytes(raw, stats)
+            if text is not None and is_html(member):
+                text = _html_text(text, f"{f}#{member}", stats)
             if text is not None:
                 yield f"{f}#{member}", text
     except corrupt_errors():

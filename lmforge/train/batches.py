@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from lmforge.data.mix import Mix, MixOrder, budget_windows, window_shares
+
 
 class Order:
     """Sample ids 0, 1, 2, ... mapped to item ids: epoch ``e`` visits ``n`` items in a permutation
@@ -44,8 +46,10 @@ def micro_batch_ids(step: int, rank: int, micro: int, *, batch_size: int, grad_a
 
 
 class BatchSource:
-    def __init__(self, tokens, context: int, seed: int):
-        """``tokens``: an object with ``__len__`` and ``window(offset, length)`` (see lmforge.data.shards)."""
+    def __init__(self, tokens, context: int, seed: int, mix: dict | None = None, sources: list[dict] | None = None):
+        """``tokens``: an object with ``__len__`` and ``window(offset, length)`` (see lmforge.data.shards).
+        ``mix`` (the token index's) and ``sources`` (the split's [{"name", "tokens"}] ranges, in order)
+        draw windows source by source at the mix's shares (:class:`lmforge.data.mix.MixOrder`)."""
         self.tokens = tokens
         self.context = context
         self.seed = seed
@@ -53,12 +57,42 @@ class BatchSource:
         if self.n_windows < 1:
             raise ValueError(f"the train split has {len(tokens)} tokens, fewer than one context of {context + 1}")
         self.window_ids = Order(self.n_windows, seed)
+        self.mix = self.source_names = None
+        if mix is not None:
+            self._use_mix(Mix.from_dict(mix), sources or [])
+
+    def _use_mix(self, mix: Mix, sources: list[dict]) -> None:
+        have = {s["name"]: s["tokens"] for s in sources}
+        starts, pos = {}, 0
+        for s in sources:
+            starts[s["name"]], pos = pos, pos + s["tokens"]
+        names = [s.name for s in mix.sources]
+        windows = [max(0, (have.get(n, 0) - 1) // self.context) for n in names]
+        shares = window_shares(mix, windows, self.context)
+        self.mix = MixOrder([starts.get(n, 0) for n in names], windows, shares, self.context, self.seed)
+        self.source_names = names
+        self.n_windows = budget_windows(mix, windows, shares, self.context)
+
+    def offsets(self, sample_ids: np.ndarray) -> np.ndarray:
+        if self.mix is not None:
+            return self.mix.offsets(sample_ids)
+        return self.window_ids(sample_ids) * self.context
+
+    def tokens_per_source(self, steps: int, global_batch: int, skipped=()) -> dict | None:
+        """Tokens each mix source gave over ``steps`` steps, less the ``skipped`` steps (quarantined)."""
+        if self.mix is None:
+            return None
+        count = self.mix.samples_per_source
+        total = np.array(count(steps * global_batch))
+        for q in skipped:
+            total -= np.array(count((q + 1) * global_batch)) - np.array(count(q * global_batch))
+        return {n: int(c) * self.context for n, c in zip(self.source_names, total)}
 
     def micro_batch(self, step: int, rank: int, micro: int, *, batch_size: int, grad_accum: int, world: int):
         """(x, y) int64 tensors of shape (batch_size, context) for one micro-batch."""
-        ids = self.window_ids(micro_batch_ids(step, rank, micro, batch_size=batch_size, grad_accum=grad_accum,
-                                              world=world))
-        rows = np.stack([self.tokens.window(int(w) * self.context, self.context + 1) for w in ids])
+        offsets = self.offsets(micro_batch_ids(step, rank, micro, batch_size=batch_size, grad_accum=grad_accum,
+                                               world=world))
+        rows = np.stack([self.tokens.window(int(o), self.context + 1) for o in offsets])
         t = torch.from_numpy(rows.astype(np.int64))
         return t[:, :-1], t[:, 1:]
 

@@ -377,6 +377,9 @@ def finish(run: Run) -> dict:
         **{f"final_{k}": v for k, v in run.work.eval_metrics.items()},
         guard={"rollbacks": run.guard.rollbacks, "quarantined_steps": len(run.guard.quarantine),
                "recovery_time_s": round(run.guard.recovery_time_s, 3)})
+    per_source = run.work.tokens_per_source(cfg.max_steps, [q for q in run.guard.quarantine if q < cfg.max_steps])
+    if per_source is not None:
+        man.set_metrics(tokens_per_source=per_source)
     run.guard.events.emit("finished", cfg.max_steps, val_loss=c.val_loss)
     man.finish()
     run.log.say(f"done: val loss {c.val_loss:.4f}  train loss {c.last_loss:.4f}  {c.train_time_s:.0f}s  run dir {run.run_dir}")

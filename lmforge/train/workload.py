@@ -39,6 +39,8 @@ class Workload:
     metrics: dict = field(default_factory=dict)  # manifest metrics known before training
     stage: str = "train"  # the manifest's stage: one of TRAINING_STAGES
     eval_metrics: dict = field(default_factory=dict)  # what `evaluate` measured beside the loss, logged with it
+    # (steps, skipped steps) -> tokens read per mix source; None without a mix
+    tokens_per_source: Callable[[int, list], dict | None] = lambda steps, skipped: None
 
 
 def next_token_loss(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -63,7 +65,8 @@ def pretraining(cfg: TrainConfig, info: D.DistInfo, init=None) -> Workload:
     train_tokens, val_tokens = td.split("train"), td.split("val")
     resolve_model(cfg, td.vocab_size, init)
     _check_fits(cfg, len(train_tokens), len(val_tokens))
-    batches = BatchSource(train_tokens, cfg.model.context, cfg.seed)
+    batches = BatchSource(train_tokens, cfg.model.context, cfg.seed, mix=td.index.get("mix"),
+                          sources=td.index["splits"]["train"].get("sources"))
     global_batch = cfg.batch_size * cfg.grad_accum * info.world
 
     def micro_batch(step: int, rank: int, micro: int) -> tuple:
@@ -93,7 +96,8 @@ def pretraining(cfg: TrainConfig, info: D.DistInfo, init=None) -> Workload:
     return Workload(vocab_size=td.vocab_size, micro_batch=micro_batch, loss=next_token_loss, evaluate=evaluate,
                     tokens_per_step=global_batch * cfg.model.context,
                     epochs_seen=lambda steps: batches.epochs_seen(steps, global_batch), inputs=inputs,
-                    metrics={"train_tokens_available": len(train_tokens)})
+                    metrics={"train_tokens_available": len(train_tokens)},
+                    tokens_per_source=lambda steps, skipped: batches.tokens_per_source(steps, global_batch, skipped))
 
 
 def _check_fits(cfg: TrainConfig, n_train: int, n_val: int) -> None:
