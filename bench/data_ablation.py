@@ -6,8 +6,9 @@ the same clean held-out text.
 
 The raw mixture is this Python's standard library (code and docs) plus /usr/share/doc (Debian's
 package docs: changelogs, copyright files, READMEs; mostly gzip-compressed): the kind of mixed
-tree a user brings. A twentieth of the stdlib files, chosen by path hash, is held out of every
-arm and split into code (.py) and prose (everything else): bits per byte on each is the score.
+tree a user brings. Two clean held-out sets, kept out of every arm, give the score in bits per
+byte: code, a twentieth of the stdlib's .py files chosen by path hash; and prose, the Python
+reference documentation that ships inside the stdlib (pydoc_data/topics.py, one file per topic).
 Only [data.filters] changes between arms; length filters, PII scrubbing and dedup are the same.
 All arms share one tokenizer (trained on the unfiltered arm) and one training config, so the
 arms differ in the documents they train on and in nothing else.
@@ -41,7 +42,10 @@ def lmforge(*args: str) -> None:
 
 
 def split_stdlib(work: Path, holdout: int) -> tuple[Path, Path, Path]:
-    """Copy the stdlib into train/ and heldout/{code,prose}/ by a hash of each file's path."""
+    """Copy the stdlib into raw/stdlib and heldout/code by a hash of each .py file's path; write the
+    reference docs' topics to heldout/prose."""
+    from pydoc_data.topics import topics
+
     root = Path(sysconfig.get_paths()["stdlib"])
     train, code, prose = work / "raw" / "stdlib", work / "heldout" / "code", work / "heldout" / "prose"
     if (work / "raw" / ".done").exists():
@@ -50,10 +54,15 @@ def split_stdlib(work: Path, holdout: int) -> tuple[Path, Path, Path]:
     shutil.rmtree(work / "heldout", ignore_errors=True)
     for f in default_corpus_paths("stdlib"):
         rel = f.relative_to(root)
-        held = int(hashlib.blake2b(str(rel).encode(), digest_size=4).hexdigest(), 16) % holdout == 0
-        dest = (code if f.suffix == ".py" else prose) if held else train
+        if rel.parts[0] == "pydoc_data":
+            continue
+        held = f.suffix == ".py" and int(hashlib.blake2b(str(rel).encode(), digest_size=4).hexdigest(), 16) % holdout == 0
+        dest = code if held else train
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, dest / rel)
+    prose.mkdir(parents=True)
+    for name, text in sorted(topics.items()):
+        (prose / f"{name}.txt").write_text(text, encoding="utf-8")
     (work / "raw" / ".done").write_text("")
     return train, code, prose
 
@@ -67,6 +76,27 @@ def filters_toml(arm: str) -> str:
     for k, v in dataclasses.asdict(f).items():
         lines.append(f"{k} = {json.dumps(v)}")
     return "\n".join(lines) + "\n"
+
+
+def item_rows(work: Path, arm: str, held: Path) -> list[dict]:
+    name = f"bpb:{held}".replace("/", "_").replace(":", "_")
+    return [json.loads(line) for line in (work / arm / "eval" / "items" / f"{name}.jsonl").open()]
+
+
+def paired_difference(work: Path, arm: str, held: Path, resamples: int = 2000) -> dict:
+    """bpb of ``arm`` minus bpb of the unfiltered arm on the same held-out items, with a paired
+    bootstrap standard error (items resampled together, so what both models find hard cancels)."""
+    import numpy as np
+
+    a, b = item_rows(work, arm, held), item_rows(work, "off", held)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    nats = np.array([r["nats"] for r in a]) - np.array([r["nats"] for r in b])
+    size = np.array([r["bytes"] for r in a], dtype=float)
+    diff = nats.sum() / size.sum() / np.log(2)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    boot = nats[idx].sum(axis=1) / size[idx].sum(axis=1) / np.log(2)
+    return {"delta_bpb": round(float(diff), 4), "stderr": round(float(boot.std()), 4), "items": len(a)}
 
 
 def main() -> None:
@@ -96,7 +126,8 @@ def main() -> None:
             lmforge("data", str(train_src), a.docs, "-o", str(data), "-c", str(cfg), "--quiet")
         if arm == "off" and not (work / "tok" / "tokenizer.json").exists():
             lmforge("tokenizer", str(data), "-o", str(work / "tok"), "--vocab-size", str(a.vocab))
-        lmforge("data", "-o", str(data), "--tokenizer", str(work / "tok"), "--tokenize-only", "--quiet")
+        if not (data / "tokens" / "index.json").exists():
+            lmforge("data", "-o", str(data), "--tokenizer", str(work / "tok"), "--tokenize-only", "--quiet")
         train = work / arm / "train"
         if not (train / "model.safetensors").exists():
             lmforge("train", "--data", str(data), "--out", str(train), "--depth", str(a.depth), "--quiet",
@@ -104,8 +135,9 @@ def main() -> None:
                     "--set", f"train.model.context={a.context}", "--set", "train.eval_every=300",
                     "--set", "train.ckpt_every=300")
         ev = work / arm / "eval"
-        lmforge("eval", str(train), "--tasks", f"bpb:{held_code},bpb:{held_prose}", "-o", str(ev),
-                "--set", f"eval.task.bpb_bytes={a.eval_bytes}", "--quiet")
+        if not (ev / "manifest.json").exists():
+            lmforge("eval", str(train), "--tasks", f"bpb:{held_code},bpb:{held_prose}", "-o", str(ev),
+                    "--set", f"eval.task.bpb_bytes={a.eval_bytes}", "--quiet")
         dm = json.loads((data / "manifest.json").read_text())["metrics"]
         tm = json.loads((train / "manifest.json").read_text())["metrics"]
         em = json.loads((ev / "manifest.json").read_text())["metrics"]["tasks"]
@@ -114,6 +146,8 @@ def main() -> None:
                      "epochs": tm["epochs"], "final_val_loss": tm["final_val_loss"],
                      "bpb_code": em[f"bpb:{held_code}"]["bpb"]["value"],
                      "bpb_prose": em[f"bpb:{held_prose}"]["bpb"]["value"]})
+        for name, held in (("code", held_code), ("prose", held_prose)):
+            rows[-1][f"vs_off_{name}"] = paired_difference(work, arm, held)
         print(json.dumps(rows[-1]), flush=True)
     report = {"cpu": cpu_name(), "seconds": round(time.time() - t0), "args": {k: str(v) for k, v in vars(a).items()},
               "command": "python bench/data_ablation.py " + " ".join(sys.argv[1:]), "arms": rows}

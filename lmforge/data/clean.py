@@ -27,6 +27,12 @@ def content_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+def split_of(h: bytes, salt: str, val_fraction: float) -> str:
+    """Deterministic split by content hash: the same document lands in the same split everywhere."""
+    x = int.from_bytes(hashlib.blake2b(h, key=salt.encode()[:64], digest_size=8).digest(), "big")
+    return "val" if x / 2**64 < val_fraction else "train"
+
+
 def _identity(h: int) -> int:
     return h
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.config import flag_tree, resolve_config
+from lmforge.data.executor import make_executor
 from lmforge.data.mix import load_mix
 from lmforge.data.prepare import DataConfig, prepare_data
 from lmforge.errors import LmforgeError
@@ -46,8 +47,8 @@ def data_cmd(
              "with any item is dropped and counted as 'contaminated'; val is left as it is."),
     mix: Optional[Path] = typer.Option(
         None, "--mix", show_default=False,
-        help="Mix file naming the sources with their weights: [sources] name = PATH, then [shares] name = 0.7 (of the "
-             "training tokens) or [tokens] name = N (per pass), and optionally [epochs] name = passes (above 1 "
+        help="Mix file naming the sources with their weights: \\[sources] name = PATH, then \\[shares] name = 0.7 (of "
+             "the training tokens) or \\[tokens] name = N (per pass), and optionally \\[epochs] name = passes (above 1 "
              "upsamples). Training then draws every step at these shares. See docs/data.md."),
     profile: Optional[str] = typer.Option(None, "--profile",
                                           help="Quality filter profile: prose, code, or auto (per document, by "
@@ -62,7 +63,7 @@ def data_cmd(
                                        help="Replace emails, public IP addresses, phone numbers and secrets (API keys, "
                                             "private keys, AWS keys) by typed placeholders (default: on)."),
     executor: Optional[str] = typer.Option(None, "--executor",
-                                           help="Where tasks run: local (default, this process) or ray (a Ray "
+                                           help="Where tasks run: local (the default: processes on this machine) or ray (a Ray "
                                                 "cluster; see docs/distributed.md)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for the local executor (default 0: one "
                                                                   "per core); CPUs of a Ray cluster started here."),
@@ -76,7 +77,7 @@ def data_cmd(
 ):
     """Ingest, clean, deduplicate and split a corpus; with --tokenizer, also tokenize it into shards.
 
-    Cleaning reads compressed files (.gz .bz2 .xz .zst, tar archives) and HTML (main text), normalises Unicode (NFC), drops binary files and invalid UTF-8, filters by length and quality ([data.filters]: gopher, repetition, c4, code; profile by document), optionally by language, scrubs PII, and removes exact and near duplicates (MinHash) across the whole corpus. Kept documents go to DATA/clean/{train,val}-*.jsonl; DATA/manifest.json records the sources' hashes, the config, and per filter the documents and bytes removed; DATA/removed/REASON.jsonl holds the first few removed documents of each kind, to inspect. An interrupted run resumes where it stopped when rerun with the same arguments.
+    Cleaning reads compressed files (.gz .bz2 .xz .zst, tar archives) and HTML (main text), normalises Unicode (NFC), drops binary files and invalid UTF-8, filters by length and quality (\\[data.filters]: gopher, repetition, c4, code; profile by document), optionally by language, scrubs PII, and removes exact and near duplicates (MinHash) across the whole corpus. Kept documents go to DATA/clean/{train,val}-*.jsonl; DATA/manifest.json records the sources' hashes, the config, and per filter the documents and bytes removed; DATA/removed/REASON.jsonl holds the first few removed documents of each kind, to inspect. An interrupted run resumes where it stopped when rerun with the same arguments.
 
     Examples:
 
@@ -126,8 +127,6 @@ def _tokenize(out: Path, tokenizer: Path, quiet: bool, executor: str | None, add
     """Ray runs tokenizing as tasks too; locally, the tokenizer's own threads already use every core."""
     if executor != "ray":
         return tokenize_data(out, tokenizer, progress=not quiet)
-    from lmforge.data.executor import make_executor
-
     ex = make_executor("ray", address or None, workers or 0)
     try:
         return tokenize_data(out, tokenizer, progress=not quiet, executor=ex)

@@ -20,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.tasks import EXACT_BAND, read_done
+from lmforge.data.tasks import EXACT, EXACT_BAND, NEAR, read_done
 from lmforge.rundir import atomic_write_json
-
-EXACT, NEAR = 0, 1  # pair kinds, and the reason codes of removed documents
-REASONS = {EXACT: "exact_dup", NEAR: "near_dup"}
 
 
 def group_task(part: int, parts: int, tasks: list[int], work: Path, threshold: float, num_perm: int) -> dict:

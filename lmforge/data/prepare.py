@@ -32,10 +32,22 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lmforge.data.decontam import DEFAULT_NGRAM, NgramIndex, benchmark_index, parse_specs, spec_file
+from lmforge.data.clean import split_of  # noqa: F401 (where callers have found it)
+from lmforge.data.decontam import (
+    DEFAULT_NGRAM,
+    NgramIndex,
+    benchmark_index,
+    parse_specs,
+    spec_file,
+)
+from lmforge.data.dedup import group_task, removed_of, resolve
+from lmforge.data.executor import EXECUTORS, make_executor
+from lmforge.data.langid import parse_languages
 from lmforge.data.pii import KINDS as PII_KINDS
+from lmforge.data.pii import check_kinds
 from lmforge.data.quality import FilterConfig
 from lmforge.data.sources import PATHS_KEPT, source_files
+from lmforge.data.tasks import Shard, clean_task, write_task
 from lmforge.errors import LmforgeError
 from lmforge.progress import Bar
 from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, hash_json
@@ -83,10 +95,6 @@ class DataConfig:
     samples: int = 5  # removed documents kept per filter in DATA/removed/, for a human to inspect
 
     def __post_init__(self):
-        from lmforge.data.executor import EXECUTORS
-        from lmforge.data.langid import parse_languages
-        from lmforge.data.pii import check_kinds
-
         self.decontaminate = parse_specs(self.decontaminate)  # "humaneval,mc:F" as well as a list; names checked
         self.languages = list(parse_languages(self.languages))
         self.pii_kinds = list(check_kinds(self.pii_kinds))
@@ -112,17 +120,9 @@ class DataConfig:
             raise LmforgeError(f"shard_tokens = {self.shard_tokens}: must be positive")
 
 
-def split_of(h: bytes, salt: str, val_fraction: float) -> str:
-    """Deterministic split by content hash: the same document lands in the same split everywhere."""
-    x = int.from_bytes(hashlib.blake2b(h, key=salt.encode()[:64], digest_size=8).digest(), "big")
-    return "val" if x / 2**64 < val_fraction else "train"
-
-
 def plan_shards(named: list[tuple[str, str]], file_lists: dict, task_bytes: int) -> list:
     """Cut every source into shards of about ``task_bytes`` of input, in corpus order; a streamed
     source (hf:, save_to_disk) is one shard, since only its reader knows where it ends."""
-    from lmforge.data.tasks import Shard
-
     shards: list[Shard] = []
     for name, src in named:
         files = file_lists[src]
@@ -154,10 +154,6 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, pro
     or a corpus from which no document survives. Tokenizing is a later step
     (:func:`lmforge.tokenizer.encode.tokenize_data`).
     """
-    from lmforge.data.dedup import group_task, removed_of, resolve
-    from lmforge.data.executor import make_executor
-    from lmforge.data.tasks import clean_task, write_task
-
     cfg = cfg or DataConfig()
     if mix is not None:
         named = [(s.name, s.path) for s in mix.sources]

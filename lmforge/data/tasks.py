@@ -22,12 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.clean import MinHasher, content_hash, normalize
+from lmforge.data.clean import MinHasher, content_hash, normalize, split_of
+from lmforge.data.decontam import benchmark_index
+from lmforge.data.langid import detect
+from lmforge.data.pii import scrub
+from lmforge.data.quality import apply_filters, profile_of
 from lmforge.data.sources import Drops, iter_source
 from lmforge.rundir import atomic_write_json, commit_temp
 
 SAMPLE_CHARS = 4000  # of each removed document kept for inspection: enough to judge it, not a copy of the corpus
 EXACT_BAND = -1  # the band number of exact-duplicate keys, beside the MinHash bands 0..b-1
+EXACT, NEAR = 0, 1  # duplicate pair kinds, and the reason codes of removed documents
+REASONS = {EXACT: "exact_dup", NEAR: "near_dup"}
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,6 @@ def input_stamp(shard: "Shard") -> str:
 
 @lru_cache(maxsize=2)
 def _bench(specs: tuple[str, ...], n: int):
-    from lmforge.data.decontam import benchmark_index
-
     return benchmark_index(list(specs), n)
 
 
@@ -112,10 +116,7 @@ class _Cleaner:
     """The per-document decisions of a clean task, in order; returns (text, reason)."""
 
     def __init__(self, cfg):
-        from lmforge.data.quality import apply_filters, profile_of
-
         self.cfg = cfg
-        self.apply_filters, self.profile_of = apply_filters, profile_of
         self.languages = set(cfg.languages)
         self.lang_counts: Counter = Counter()
         self.pii_counts: Counter = Counter()
@@ -128,12 +129,12 @@ class _Cleaner:
         reason = _length_reason(text, cfg)
         if reason:
             return text, reason, ""
-        profile = self.profile_of(doc_id, text, cfg.filters.profile, cfg.filters.auto_code_lines)
+        profile = profile_of(doc_id, text, cfg.filters.profile, cfg.filters.auto_code_lines)
         if self.languages or cfg.count_languages:
             lang = self._language(text, profile)
             if self.languages and profile == "prose" and lang not in self.languages:
                 return text, "language", ""
-        kept, reason = self.apply_filters(text, doc_id, cfg.filters)
+        kept, reason = apply_filters(text, doc_id, cfg.filters)
         if reason:
             return text, reason, ""
         if len(kept) != len(text):
@@ -141,8 +142,6 @@ class _Cleaner:
             self.edited["bytes"] += len(text.encode("utf-8")) - len(kept.encode("utf-8"))
         text = kept
         if cfg.pii:
-            from lmforge.data.pii import scrub
-
             text, counts = scrub(text, tuple(cfg.pii_kinds))
             self.pii_counts.update(counts)
         split = split_of(text)
@@ -156,8 +155,6 @@ class _Cleaner:
         return text, None, split
 
     def _language(self, text: str, profile: str) -> str:
-        from lmforge.data.langid import detect
-
         lang = detect(text)[0] if profile == "prose" else "code"
         self.lang_counts[lang] += 1
         return lang
@@ -165,8 +162,6 @@ class _Cleaner:
 
 def clean_task(shard: Shard, cfg, work: Path, parts: int) -> dict:
     """Clean one shard of input into ``work/clean/NNNNN.*``; returns (and saves) its summary."""
-    from lmforge.data.prepare import split_of  # the split rule lives with the stage's config
-
     stamp = input_stamp(shard)
     done = read_done(work, "clean", shard.index, stamp)
     if done is not None:
@@ -261,8 +256,6 @@ class _KeyWriter:
 def write_task(shard: Shard, cfg, work: Path, removed: np.ndarray) -> dict:
     """Write the shard's documents that dedup kept to ``work/write/{train,val}-NNNNN.jsonl``;
     ``removed``: this shard's (gid, reason code) rows from :func:`lmforge.data.dedup.resolve`."""
-    from lmforge.data.dedup import REASONS
-
     done = read_done(work, "write", shard.index)
     if done is not None:
         return done
