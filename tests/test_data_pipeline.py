@@ -115,6 +115,17 @@ def test_html_pages_become_their_main_text(tmp_path):
     assert prose(0, 60)[:200] in text and "tracking" not in text and "color: red" not in text and "<p>" not in text
 
 
+def test_an_html_dump_too_big_to_parse_is_counted_not_parsed(tmp_path, monkeypatch):
+    from lmforge.data import sources
+
+    page = "<html><body>" + "".join(f"<p>{prose(i, 60)}</p>" for i in range(4)) + "</body></html>"
+    src = write_docs(tmp_path / "src", {"page.html": page, "small.html": f"<html><body><p>{prose(9)}</p></body></html>"})
+    monkeypatch.setattr(sources, "HTML_MAX_CHARS", len(page) - 1)
+    man = prepare_data([str(src)], tmp_path / "out", cfg(val_fraction=0.01, workers=1), progress=False)
+    assert man["metrics"]["dropped"]["too_long"] == 1 and man["metrics"]["docs_kept"] == 1
+    assert man["metrics"]["dropped_paths"]["too_long"] == [str(src / "page.html")]
+
+
 # ---- weighted mixing ----
 
 def test_mix_order_keeps_the_shares_at_every_step():

@@ -36,6 +36,7 @@ from lmforge.data.html import html_to_text, is_html
 from lmforge.errors import LmforgeError
 
 BINARY_SNIFF = 8192
+HTML_MAX_CHARS = 2_000_000
 PATHS_KEPT = 20  # per drop reason, for the manifest: enough to find the files, not a second listing
 
 
@@ -142,7 +143,12 @@ def iter_file(f: Path, text_field: str, stats: Drops) -> Iterator[tuple[str, str
 
 
 def _html_text(html: str, where, stats: Drops) -> str | None:
-    """The main content of an HTML page as text; a page with none (only navigation, say) is counted."""
+    """The main content of an HTML page as text; a page with none (only navigation, say) is counted,
+    and so is one over HTML_MAX_CHARS, whose parse tree would take tens of times its size in memory
+    (an 8 MB page of a whole manual, ~600 MB): such a page is a dump, not an article."""
+    if len(html) > HTML_MAX_CHARS:
+        stats.drop("too_long", where)
+        return None
     text = html_to_text(html)
     if text is None:
         stats.drop("html_empty", where)

@@ -179,11 +179,17 @@ def clean_task(shard: Shard, cfg, work: Path, parts: int) -> dict:
     with open(tmp, "w", encoding="utf-8") as f, sigs, keys:
         files = [Path(p) for p in shard.files] if shard.files is not None else None
         for doc_id, raw in iter_source(shard.source, cfg.text_field, drops, files):
-            src_h.update(doc_id.encode("utf-8", "surrogatepass") + b"\0" + raw.encode("utf-8", "surrogatepass") + b"\0")
+            src_h.update(doc_id.encode("utf-8", "surrogatepass") + b"\0")
             try:
-                in_bytes += len(raw.encode("utf-8"))
+                raw_bytes = raw.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates, e.g. from a \ud800 escape in JSON
                 drops["invalid_utf8"] += 1
+                continue
+            src_h.update(raw_bytes + b"\0")
+            in_bytes += len(raw_bytes)
+            del raw_bytes  # a document can be tens of MB: hold one copy of it at a time
+            if len(raw) > 2 * cfg.max_chars:  # far too long whatever NFC does: spare normalising it
+                removed.add("too_long", doc_id, raw)
                 continue
             text, reason, split = cleaner(doc_id, normalize(raw), lambda t: split_of(content_hash(t), cfg.split_salt,
                                                                                       cfg.val_fraction))
