@@ -181,47 +181,25 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, pro
     ex = executor or make_executor(cfg.executor, cfg.ray_address or None, cfg.workers or os.cpu_count() or 1)
     t0 = time.time()
     try:
-        seconds: dict = {}
-        cleaned = _stage(ex, "clean", clean_task, [(s, cfg, work, parts) for s in shards], progress, seconds)
-        if not all(c.get("reused") for c in cleaned):  # what dedup and writing made from the old clean output is stale
-            for stage in ("group", "write"):
-                shutil.rmtree(work / stage, ignore_errors=True)
-        _stage(ex, "dedup", group_task, [(p, parts, [s.index for s in shards], work, cfg.near_threshold, cfg.num_perm)
-                                         for p in range(parts)], progress, seconds)
-        t_join = time.perf_counter()
-        removed = resolve(parts, work)
-        seconds["join"] = round(time.perf_counter() - t_join, 2)
-        written = _stage(ex, "write", write_task, [(s, cfg, work, removed_of(removed, s.index)) for s in shards],
-                         progress, seconds)
+        cleaned, written, seconds = _run_stages(ex, shards, parts, cfg, work, progress)
     finally:
         if executor is None:
             ex.close()
-    reused = {stage: sum(bool(r.get("reused")) for r in results)
-              for stage, results in (("clean", cleaned), ("write", written))}
-    files = _commit(out_dir, work, shards, written)
     report = _report(cleaned, written, cfg.samples)
     kept = sum(w["counts"][s]["docs"] for w in written for s in ("train", "val"))
     train_docs = sum(w["counts"]["train"]["docs"] for w in written)
     _check_not_empty(kept, train_docs, report["dropped"], [src for _, src in named], cfg)
+    files = _commit(out_dir, work, shards, written)
     _write_samples(out_dir / "removed", report.pop("samples"))
-    for name, src in named:
-        own = [c for s, c in zip(shards, cleaned) if s.name == name]
-        digests = [c["source_hash"] for c in own]
-        h = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
-        man.data["inputs"][name] = {"path": _source_path(src), "hash": "sha256:" + h,
-                                    "files": len(file_lists[src]) if file_lists[src] is not None else None}
+    _record_inputs(man, named, shards, cleaned, file_lists)
     for split in ("train", "val"):
         man.add_output(f"clean_{split}", out_dir / "clean", files=[f for f, _ in files[split]],
                        sources=[n for _, n in files[split]])
     elapsed = time.time() - t0
     in_bytes = sum(c["input_bytes"] for c in cleaned)
     tot = {s: {k: sum(w["counts"][s][k] for w in written) for k in ("docs", "chars", "bytes")} for s in ("train", "val")}
-    corpus_h = hashlib.sha256()
-    for split in ("train", "val"):  # in corpus order, whatever the sharding: the same corpus, the same hash
-        for name, _ in files[split]:
-            with open(out_dir / "clean" / name, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    corpus_h.update(chunk)
+    reused = {stage: sum(bool(r.get("reused")) for r in results)
+              for stage, results in (("clean", cleaned), ("write", written))}
     man.set_metrics(docs_seen=kept + sum(report["dropped"].values()), docs_kept=kept, dropped=report["dropped"],
                     dropped_paths=report["dropped_paths"], filters=report["filters"], edited=report["edited"],
                     pii=report["pii"], languages=report["languages"],
@@ -230,13 +208,53 @@ def prepare_data(sources: list[str], out_dir, cfg: DataConfig | None = None, pro
                     input_bytes=in_bytes, tasks=len(shards), tasks_reused=reused, executor=ex.name,
                     clean_seconds=round(elapsed, 2), stage_seconds=seconds,
                     input_mb_per_s=round(in_bytes / 1e6 / elapsed, 2) if elapsed > 0 else None,
-                    corpus_hash="sha256:" + corpus_h.hexdigest())
+                    corpus_hash=_corpus_hash(out_dir, files))
     if bench is not None:
         hit = set().union(*(c["items_hit"] for c in cleaned))
         man.set_metrics(decontamination=_decontam_summary(bench, hit))
     man.finish()
     shutil.rmtree(work, ignore_errors=True)
     return man.data
+
+
+def _run_stages(ex, shards: list, parts: int, cfg: DataConfig, work: Path, progress: bool):
+    """clean -> dedup (by partition) -> join -> write; returns the clean and write summaries, in
+    shard order, and each stage's seconds."""
+    seconds: dict = {}
+    cleaned = _stage(ex, "clean", clean_task, [(s, cfg, work, parts) for s in shards], progress, seconds)
+    if not all(c.get("reused") for c in cleaned):  # what dedup and writing made from the old clean output is stale
+        for stage in ("group", "write"):
+            shutil.rmtree(work / stage, ignore_errors=True)
+    tasks = [s.index for s in shards]
+    _stage(ex, "dedup", group_task, [(p, parts, tasks, work, cfg.near_threshold, cfg.num_perm) for p in range(parts)],
+           progress, seconds)
+    t0 = time.perf_counter()
+    removed = resolve(parts, work)
+    seconds["join"] = round(time.perf_counter() - t0, 2)
+    written = _stage(ex, "write", write_task, [(s, cfg, work, removed_of(removed, s.index)) for s in shards],
+                     progress, seconds)
+    return cleaned, written, seconds
+
+
+def _record_inputs(man: Manifest, named: list, shards: list, cleaned: list, file_lists: dict) -> None:
+    """Each source's path and content hash (over its shards' hashes when it was cut into several)."""
+    for name, src in named:
+        digests = [c["source_hash"] for s, c in zip(shards, cleaned) if s.name == name]
+        h = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+        man.data["inputs"][name] = {"path": _source_path(src), "hash": "sha256:" + h,
+                                    "files": len(file_lists[src]) if file_lists[src] is not None else None}
+
+
+def _corpus_hash(out_dir: Path, files: dict) -> str:
+    """Of the clean files' bytes in corpus order: the same corpus gives the same hash, however it
+    was cut into shards."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for name, _ in files[split]:
+            with open(out_dir / "clean" / name, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def _stage(ex, label: str, fn, tasks: list[tuple], progress: bool, seconds: dict) -> list:
