@@ -91,3 +91,65 @@ def test_post_pairs_rejects_the_models_failing_answers(chat_base, tmp_path):
     p = pairs[0]
     assert p["chosen"].startswith("def add") and p["rejected"] != p["chosen"] and p["why"] in ("syntax", "doctest")
     assert p["prompt"][-1]["role"] == "user"
+
+
+USES_IMPORT = '''
+import math
+
+
+def hyp(a, b):
+    """Length of the hypotenuse.
+
+    >>> hyp(3, 4)
+    5.0
+    """
+    return math.sqrt(a * a + b * b)
+
+
+def noop(x):
+    """Do nothing.
+
+    >>> noop(1)
+    """
+
+
+def join(a, b):
+    """Join two strings.
+
+    >>> from os.path import join
+    >>> join("a", "b")
+    'a/b'
+    """
+    return a + "/" + b
+
+
+def other(a):
+    """Return a.
+
+    >>> len("abc")
+    3
+    """
+    return a
+'''
+
+
+def test_tasks_run_after_their_modules_imports_and_must_be_able_to_fail(tmp_path):
+    from lmforge.post.pairs import judge
+    from lmforge.post.sandbox import run_code
+    from lmforge.post.tasks import task_program
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "geo.py").write_text(USES_IMPORT)
+    man = build_task_data(TaskDataConfig(sources=[str(src)], out=str(tmp_path / "out"), decontaminate=False),
+                          progress=False)
+    assert man["metrics"]["dropped"] == {"doctest_cannot_fail": 1, "doctest_imports_function": 1,
+                                         "doctest_skips_function": 1}
+    split = "test" if man["metrics"]["made"].get("tasks_test") else "train"
+    (task,) = [json.loads(ln) for ln in (tmp_path / "out" / f"tasks_{split}.jsonl").read_text().splitlines()]
+    assert task["entry_point"] == "hyp" and task["prelude"] == "import math"
+    answer = "def hyp(a, b):\n    return math.sqrt(a ** 2 + b ** 2)\n"  # no docstring and no import of its own
+    assert run_code(task_program(answer, task)).ok
+    assert judge(answer, task) == "ok"
+    assert judge(answer.replace("b ** 2", "b"), task) == "doctest"
+    assert task_program("def hyp(a, b:", task) is None

