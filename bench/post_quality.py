@@ -59,8 +59,10 @@ def main() -> None:
         prompts = [render(c[:1], tok, ids, add_generation_prompt=True)[0] for c in asks]
         outs = generate(model, prompts, SampleConfig(max_new_tokens=args.max_new_tokens, temperature=0),
                         eos_id=[ids["end"], ids["eos"]], pad_id=ids["pad"])
-        # generate() cuts at the stop token, so an answer shorter than its budget stopped.
-        stopped = sum(len(o) < min(args.max_new_tokens, model.cfg.context - len(p)) for o, p in zip(outs, prompts))
+        # generate() cuts at the stop token, so an answer shorter than its budget stopped. The budget
+        # is the same for every row of a batch: at most what the context leaves after the longest prompt.
+        budget = min(args.max_new_tokens, model.cfg.context - max(len(p) for p in prompts))
+        stopped = sum(len(o) < budget for o in outs)
         valid = sum(parses(tok.decode(o)) for o in outs)
         n = len(asks)
         print(f"{run:<44} {loss:7.4f} {stopped:>3}/{n} {stopped / n:5.1%} {valid:>3}/{n} {valid / n:5.1%}")

@@ -43,7 +43,7 @@ class TaskDataConfig:
     sources: list = field(default_factory=list)  # directories of .py files; empty: this Python's standard library
     out: str = "runs/post-data"
     test_percent: int = 10  # share of source files held out, chosen by a hash of the path
-    # The same for files that carry an executable task: the stdlib has about 20 such tasks in 10
+    # The same for files that carry an executable task: the stdlib has 19 such tasks in 7
     # files, so at 10% the held-out set would usually have none.
     task_test_percent: int = 50
     methods: bool = True  # conversations from methods too (tasks are module-level functions only)
