@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from conftest import run_cli
 from lmforge.data.cleaned import iter_clean
-from lmforge.data.clean import content_hash, normalize
+from lmforge.data.clean import content_hash, normalize, split_of
 from lmforge.data import decontam
 from lmforge.data.decontam import NgramIndex, load_items, parse_specs, tokens
-from lmforge.data.prepare import DataConfig, prepare_data, split_of
+from lmforge.data.prepare import DataConfig, prepare_data
 from lmforge.errors import LmforgeError
 from lmforge.eval.cli import audit_app
 from lmforge.eval.contamination import AuditConfig, audit_contamination

@@ -32,7 +32,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lmforge.data.clean import split_of  # noqa: F401 (where callers have found it)
 from lmforge.data.decontam import (
     DEFAULT_NGRAM,
     NgramIndex,
