@@ -5,7 +5,8 @@
     python bench/serve.py --model runs/default/train --concurrency 1,16 --json serve.json --llama-cpp
 
 A load generator in the style of ``vllm bench serve``, over HTTP on loopback. For each model,
-``lmforge serve`` runs as a subprocess (--no-calibrate, --max-seqs = the largest concurrency);
+``lmforge serve`` runs as a subprocess (--no-calibrate, --max-seqs = the largest concurrency,
+--engine process and --compile unless --engine thread / --no-compile say otherwise);
 for each concurrency C, C client threads send a fixed, seeded list of requests (max(8, 4*C)
 by default; each client sends its next request when its last one finished) to
 /v1/completions with ``stream: true``, ``ignore_eos: true`` and temperature 0. Prompts are
@@ -168,12 +169,12 @@ def free_port() -> int:
 
 
 def start_server(name: str, model_dir: Path, work: Path, port: int, max_seqs: int, precision: str,
-                 threads: int) -> tuple[subprocess.Popen, Path]:
+                 threads: int, compile: bool = True, engine: str = "process") -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = work / f"serve-{name}.log"
     cmd = [sys.executable, "-m", "lmforge", "serve", f"{name}={model_dir}", "--port", str(port),
            "--api-key", API_KEY, "--dir", str(work / "serve"), "--max-seqs", str(max_seqs),
-           "--precision", precision, "--no-calibrate"]
+           "--precision", precision, "--no-calibrate", "--engine", engine] + (["--compile"] if compile else [])
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     return proc, log
@@ -282,7 +283,8 @@ def summarize_load(records: list[dict], wall: float) -> dict:
 def bench_server(name: str, model_dir: Path, work: Path, args, sets: dict[int, list[Req]]) -> tuple[dict, dict]:
     """Per concurrency: the load summary, and each request's text (None where it failed)."""
     port = free_port()
-    proc, log = start_server(name, model_dir, work, port, max(sets), args.precision, args.threads)
+    proc, log = start_server(name, model_dir, work, port, max(sets), args.precision, args.threads, args.compile,
+                             args.engine)
     try:
         t0 = time.perf_counter()
         wait_ready(proc, port, log)
@@ -514,6 +516,9 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every way, server included (default: torch's default less one; "
                          "--quick: 1)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="serve without --compile (the decode step eager)")
+    ap.add_argument("--engine", default="process", choices=("process", "thread"), help="lmforge serve --engine")
     ap.add_argument("--llama-cpp", action="store_true", help="also llama.cpp (llama-cpp-python) on the GGUF export")
     ap.add_argument("--work", default="", help="keep models and exports here (default: a temp dir, removed)")
     ap.add_argument("--json", default="", help="also write the results to this file")
@@ -599,7 +604,8 @@ def report(results: list[dict], args, command: str, bf16: bool, dtype: torch.dty
           f"{'; llama.cpp runs one request at a time' if args.llama_cpp else ''}. Prompts {args.prompt_len[0]}.."
           f"{args.prompt_len[1]} tokens, outputs {args.output_len[0]}..{args.output_len[1]}, ignore_eos, "
           f"temperature 0; {'random-init' if all(m['random_weights'] for m in results) else 'given'} weights; "
-          f"same model, precision and torch threads ({args.threads}) for every way; the serve clients share the CPU.")
+          f"same model, precision and torch threads ({args.threads}) for every way; the serve clients share the CPU. "
+          f"Server: --engine {args.engine}{' --compile' if args.compile else ''}.")
     print()
     print(markdown(results, args.llama_cpp))
     print()
@@ -611,7 +617,8 @@ def report(results: list[dict], args, command: str, bf16: bool, dtype: torch.dty
     print(f"\ncommand: {command}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "cpu": cpu_name(), "bf16_supported": bf16, "threads": args.threads,
+            "cpu": cpu_name(), "bf16_supported": bf16, "threads": args.threads, "engine": args.engine,
+            "compile": args.compile,
             "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "command": command,
             "concurrency": args.concurrency, "prompt_len": args.prompt_len, "output_len": args.output_len,
             "seed": args.seed, "models": results}, indent=2))

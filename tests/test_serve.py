@@ -2,6 +2,7 @@
 ``openai`` client), errors in OpenAI's shape, keys and usage, disconnects, load and drain."""
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -12,13 +13,15 @@ import httpx
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import CHAT_CTX, run_cli
 from serving import free_port, serving, wait_until
 
 from lmforge.model.generate import SampleConfig, generate
 from lmforge.model.io import load_model
 from lmforge.serve.app import ServeConfig, State, create_app, read_keys
 from lmforge.serve.engine import Engine, GenRequest, QueueFull
+from lmforge.serve.models import build_engine
+from lmforge.serve.worker import EngineDown, EngineProcess
 from lmforge.tokenizer.io import load_tokenizer, tokenizer_dir_for
 
 ALICE, BOB = "key-alice-0001", "key-bob-0002"
@@ -108,6 +111,63 @@ def test_engine_refuses_prompts_over_the_context(lm):
     ctx = model.cfg.context
     with pytest.raises(Exception, match=f"exceeds the model's context of {ctx} tokens by 5"):
         engine.submit(GenRequest([eos] * (ctx - 5), max_tokens=10))
+
+
+def test_compiled_decode_equals_eager(lm):
+    """torch.compile'd decode steps (batches of one and of several, slots reused) give the same greedy
+    tokens as the eager model: the keys a compiled step writes reach the engine's cache, since every
+    later step reads them."""
+    model, tok, eos = lm
+    prompts = prompts_of(tok, eos, TEXTS[:5])
+    budgets = [5, 17, 3, 30, 9]
+    ref = [generate(model, [p], SampleConfig(max_new_tokens=b, temperature=0))[0] for p, b in zip(prompts, budgets)]
+    engine = Engine(model, tok.decode, max_seqs=3, compile=True)
+    engine.warm_up()
+    outs = engine.generate([GenRequest(p, max_tokens=b, temperature=0) for p, b in zip(prompts, budgets)])
+    assert [o.token_ids for o in outs] == ref
+
+
+def _engine_process(chat_base, max_seqs: int, max_queue: int) -> EngineProcess:
+    build = functools.partial(build_engine, str(chat_base), str(tokenizer_dir_for(chat_base)), "float32", "cpu",
+                              max_seqs, 1 << 30)
+    return EngineProcess(build, CHAT_CTX, max_seqs=max_seqs, max_queue=max_queue, threads=1)
+
+
+def test_engine_process_matches_the_thread_engine_and_fails_cleanly_when_killed(lm, chat_base):
+    """The engine in its own process: the same completions as in this one, the queue bounded by
+    what the parent has sent, cancel and pause across the pipe, and a killed child ends what is in
+    flight with "error" and refuses new requests instead of hanging them."""
+    model, tok, eos = lm
+    prompts = prompts_of(tok, eos, TEXTS)
+    reqs = [GenRequest(p, max_tokens=b, temperature=0) for p, b in zip(prompts, [5, 17, 3, 30, 9, 22, 12, 40])]
+    here = Engine(model, tok.decode, max_seqs=3).generate(reqs)
+    ep = _engine_process(chat_base, max_seqs=3, max_queue=2)
+    try:
+        there = ep.generate(reqs)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in there] == \
+            [(o.token_ids, o.text, o.finish_reason) for o in here]
+        assert ep.tokens_out == sum(o.completion_tokens for o in here)
+        assert wait_until(lambda: ep.n_active == 0 and ep.queue_depth == 0, timeout=10)
+
+        ep.stop()  # paused: what is sent stays queued
+        a = ep.submit(GenRequest(prompts[0], max_tokens=5, temperature=0))
+        b = ep.submit(GenRequest(prompts[1], max_tokens=5, temperature=0))
+        assert ep.queue_depth == 2
+        with pytest.raises(QueueFull):
+            ep.submit(GenRequest(prompts[2], max_tokens=5, temperature=0))
+        a.cancel()
+        ep.start()
+        assert b.done.wait(30) and a.done.wait(30)
+        assert a.completion.finish_reason == "cancelled" and b.completion.token_ids == here[1].token_ids[:5]
+
+        long = ep.submit(GenRequest(prompts[3], max_tokens=CHAT_CTX - len(prompts[3]), temperature=0))
+        assert wait_until(lambda: ep.n_active == 1, timeout=10)
+        os.kill(ep._proc.pid, signal.SIGKILL)
+        assert long.done.wait(10) and long.completion.finish_reason == "error"
+        with pytest.raises(EngineDown, match="has stopped"):
+            ep.submit(GenRequest(prompts[0], max_tokens=5))
+    finally:
+        ep.close()
 
 
 # -- the HTTP API
@@ -355,6 +415,20 @@ def test_load_full_size(server):
     statuses, rss = run_load(url, n_requests=500, concurrency=32)
     assert all(s == 200 for s in statuses) and rss[2] - rss[0] < 40, (sorted(set(statuses)), rss)
     assert wait_until(lambda: state.models["chat"].engine.n_active == 0, timeout=30)
+
+
+def test_a_dead_engine_process_is_503_not_a_hang(chat_base, tmp_path):
+    cfg = ServeConfig(models=[f"chat={chat_base}"], dir=tmp_path, max_seqs=2, calibrate=False, threads=1)
+    state = State(cfg)
+    with serving(create_app(cfg, state)) as url:
+        body = {"model": "chat", "prompt": "def", "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        engine = state.models["chat"].engine
+        os.kill(engine._proc.pid, signal.SIGKILL)
+        assert wait_until(lambda: bool(engine._dead), timeout=10)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down", r.text
+        assert "has stopped" in r.json()["error"]["message"]
 
 
 def test_queue_full_is_429_with_retry_after(chat_base, tmp_path):

@@ -25,8 +25,9 @@ CTX = RANDOM_CHAT_CTX
 def served(random_chat_model, tmp_path):
     from lmforge.serve.app import ServeConfig, State, create_app
 
+    # A thread engine: the test slows its steps from here (the page, not the engine, is under test).
     cfg = ServeConfig(models=[f"web={random_chat_model}"], api_keys={KEY: "default"}, dir=tmp_path, calibrate=False,
-                      max_seqs=2)
+                      max_seqs=2, engine="thread")
     state = State(cfg)
     with serving(create_app(cfg, state), ready_timeout=60) as url:
         yield url, state

@@ -34,6 +34,7 @@ from lmforge.serve.api import (ApiError, Params, bad, chat_chunk, chat_response,
 from lmforge.serve.engine import GenRequest, QueueFull
 from lmforge.serve.models import ServedModel, calibrate, load_served
 from lmforge.serve.usage import UsageLog
+from lmforge.serve.worker import EngineDown
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
@@ -55,6 +56,8 @@ class ServeConfig:
     calibrate: bool = True
     banner: bool = False  # print the URL, models and prices once loaded
     threads: int = 0  # torch compute threads; 0 keeps torch's default
+    engine: str = "process"  # each model's engine in a process of its own, or "thread": in this one
+    compile: bool = False  # the decode step through torch.compile
 
 
 class Metrics:
@@ -99,7 +102,8 @@ class State:
     def load(self) -> None:
         try:
             for spec in self.cfg.models:
-                m = load_served(spec, Path(self.cfg.dir), self.cfg.max_seqs, self.cfg.max_queue, self.cfg.precision)
+                m = load_served(spec, Path(self.cfg.dir), self.cfg.max_seqs, self.cfg.max_queue, self.cfg.precision,
+                                engine=self.cfg.engine, threads=self.cfg.threads, compile=self.cfg.compile)
                 if m.name in self.models:
                     raise LmforgeError(f"two models are named '{m.name}'; name them with NAME=PATH")
                 if self.cfg.calibrate:
@@ -124,7 +128,7 @@ class State:
 
     def stop(self) -> None:
         for m in self.models.values():
-            m.engine.stop()
+            m.engine.close()
 
 
 class _Dispatch:
@@ -409,6 +413,12 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
                 h.cancel()
             state.metrics.requests.labels(m.name, kind, "429").inc()
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineDown as e:
+            track.rejected = True
+            for h in handles:
+                h.cancel()
+            state.metrics.requests.labels(m.name, kind, "503").inc()
+            raise ApiError(503, f"model '{m.name}': {e}", "server_error", code="engine_down") from None
         if p.stream:
             return StreamingResponse(stream(m, p, kind, rid, q, handles, track, citations), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -649,8 +659,8 @@ def run_server(cfg: ServeConfig, state: State | None = None) -> int:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # The engine thread needs the GIL between torch ops; by default a busy event loop keeps it for
-    # up to 5 ms before handing it over, which stalls every decode step under load.
+    # A thread engine (and a process engine's reader) needs the GIL between steps; by default a busy
+    # event loop keeps it for up to 5 ms before handing it over.
     sys.setswitchinterval(0.0005)
     state = state or State(cfg)
     app = create_app(cfg, state)

@@ -38,6 +38,12 @@ def serve_cmd(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU/GPU has it), bf16 or fp32."),
     threads: int = typer.Option(0, "--threads", help="Torch compute threads (0: torch's default). On a small "
                                 "machine one fewer than the cores leaves one for the HTTP side."),
+    engine: str = typer.Option("process", "--engine", help="process: each model's engine runs in a process of its "
+                               "own, so decoding never waits on the HTTP side (Python's GIL); thread: in the "
+                               "server's process (one process, less memory, slower under load)."),
+    compile: bool = typer.Option(False, "--compile", help="Run the decode step through torch.compile: fused "
+                                 "small ops, faster steps for small models (measured in docs/serving.md), at the "
+                                 "cost of tens of seconds of compiling at startup. Needs a C++ compiler on CPU."),
     hardware: str = typer.Option("cpu", "--hardware", help="Hardware catalog entry that prices tokens."),
     router: Optional[Path] = typer.Option(None, "--router", help="A router file (TOML): one model name in front "
                                           "of a small and a large tier; see `lmforge router --help`."),
@@ -60,6 +66,8 @@ def serve_cmd(
       lmforge serve small=runs/default/train big=runs/sft-d3 --port 8080 --api-keys keys.toml
       curl -H 'Authorization: Bearer secret123' localhost:8000/v1/models
     """
+    if engine not in ("process", "thread"):
+        raise LmforgeError(f"--engine {engine!r}: use process or thread")
     if max_seqs < 1 or max_queue < 0 or max_body < 1 or threads < 0:
         raise LmforgeError("--max-seqs and --max-body must be at least 1, --max-queue and --threads at least 0")
     specs = list(models or [])
@@ -75,7 +83,8 @@ def serve_cmd(
         print(f"warning: serving on {host} without an API key: anyone who can reach it can use it", flush=True)
     cfg = ServeConfig(models=specs, host=host, port=port, dir=dir, api_keys=keys, max_seqs=max_seqs,
                       max_queue=max_queue, max_body=max_body, drain_timeout=drain_timeout, precision=precision,
-                      hardware=hardware, calibrate=not no_calibrate, banner=True, threads=threads)
+                      hardware=hardware, calibrate=not no_calibrate, banner=True, threads=threads,
+                      engine=engine, compile=compile)
     state = State(cfg)
     if knowledge is not None:
         open_index(knowledge).close()  # a bad path fails now, not at the first request

@@ -142,15 +142,19 @@ class _SlotLayer:
 
     def update(self, k, v):
         c = self.c
-        K, V = c.k[self.i][c.rows], c.v[self.i][c.rows]
+        Kall, Vall = c.k[self.i], c.v[self.i]
         if c.write_pos is None:
+            K, V = Kall[c.rows], Vall[c.rows]
             K[:, :, : k.shape[2]] = k
             V[:, :, : v.shape[2]] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)
-            K[rows, :, c.write_pos] = k[:, :, 0]
-            V[rows, :, c.write_pos] = v[:, :, 0]
-        return K[:, :, : c.read_len], V[:, :, : c.read_len]
+            return K[:, :, : c.read_len], V[:, :, : c.read_len]
+        # Decode rows are slots 0..n-1: written in the whole buffer, in place (a compiled step then
+        # mutates the cache rather than copying it).
+        rows = torch.arange(k.shape[0], device=k.device)
+        Kall[rows, :, c.write_pos] = k[:, :, 0]
+        Vall[rows, :, c.write_pos] = v[:, :, 0]
+        n = k.shape[0]
+        return Kall[:n, :, : c.read_len], Vall[:n, :, : c.read_len]
 
 
 class Engine:
@@ -158,7 +162,7 @@ class Engine:
     ``max_queue`` more wait. ``decode(ids) -> str`` turns tokens into text (a tokenizer's decode)."""
 
     def __init__(self, model, decode: Callable[[list[int]], str], max_seqs: int = 16, max_queue: int = 256,
-                 prefill_tokens: int = 4096, token_text: Callable[[int], str] | None = None):
+                 prefill_tokens: int = 4096, token_text: Callable[[int], str] | None = None, compile: bool = False):
         if max_seqs < 1 or max_queue < 0:
             raise LmforgeError("max_seqs must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -177,6 +181,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.tokens_in = self.tokens_out = self.steps = 0
+        # Compiling fuses the decode step's many small ops (norms, RoPE, residuals): a step of a small
+        # model is mostly per-op overhead. Prefill stays eager: its shapes vary more, and it is rarer.
+        self._forward = torch.compile(model, dynamic=True) if compile else model
 
     # -- submission (any thread)
     def submit(self, req: GenRequest, on_event: Callable[[Event], None] | None = None) -> Handle:
@@ -185,7 +192,7 @@ class Engine:
         self.check(req)
         seq = _Seq(req, None, next(self._ids))
         handle = Handle(seq)
-        seq.on_event = _completing(handle, on_event)
+        seq.on_event = completing(handle, on_event, req.logprobs is not None)
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
@@ -194,14 +201,7 @@ class Engine:
         return handle
 
     def check(self, req: GenRequest) -> None:
-        if not req.prompt:
-            raise LmforgeError("the prompt has no tokens")
-        if req.max_tokens < 1:
-            raise LmforgeError("max_tokens must be at least 1")
-        over = len(req.prompt) + req.max_tokens - self.cfg.context
-        if over > 0:
-            raise LmforgeError(f"the prompt ({len(req.prompt)} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
-                               f"model's context of {self.cfg.context} tokens by {over}")
+        check_request(req, self.cfg.context)
 
     @property
     def queue_depth(self) -> int:
@@ -226,18 +226,37 @@ class Engine:
             self._thread.join()
             self._thread = None
 
+    def close(self) -> None:
+        self.stop()
+
+    def reset_counters(self) -> None:
+        self.tokens_in = self.tokens_out = self.steps = 0
+
+    def warm_up(self) -> None:
+        """Decode a batch of one and of two: a compiled step compiles once for each (a batch of one is
+        specialised), and what is measured or served afterwards does not wait for it."""
+        req = GenRequest([0] * 4, max_tokens=3, temperature=0)
+        self.generate([req])
+        if self.max_seqs > 1:
+            self.generate([req, req])
+        self.reset_counters()
+
     def _loop(self) -> None:
         while not self._stop:
-            try:
-                busy = self.step()
-            except Exception:  # a bug must not leave clients waiting forever: fail what is in flight
-                log.exception("engine step failed; failing %d active and %d waiting requests",
-                              len(self.active), len(self.waiting))
-                self._fail_all()
-                busy = False
-            if not busy:
+            if not self.guarded_step():
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def guarded_step(self) -> bool:
+        """:meth:`step`, except that a failing step fails what is in flight instead of raising: a bug
+        must not leave clients waiting forever."""
+        try:
+            return self.step()
+        except Exception:
+            log.exception("engine step failed; failing %d active and %d waiting requests",
+                          len(self.active), len(self.waiting))
+            self._fail_all()
+            return False
 
     def _fail_all(self) -> None:
         with self._lock:
@@ -248,17 +267,7 @@ class Engine:
 
     def generate(self, requests: list[GenRequest]) -> list[Completion]:
         """Run ``requests`` to completion (on the calling thread unless :meth:`start` was called)."""
-        handles = []
-        for r in requests:
-            while True:
-                try:
-                    handles.append(self.submit(r))
-                    break
-                except QueueFull:
-                    if self._thread is None:
-                        self.step()
-                    else:
-                        time.sleep(0.01)
+        handles = submit_all(self, requests, self.step if self._thread is None else lambda: time.sleep(0.01))
         if self._thread is not None:
             for h in handles:
                 h.done.wait()
@@ -339,7 +348,7 @@ class Engine:
         self.cache.decode(n, pos)
         keys = torch.arange(self.cache.read_len, device=self.device)
         mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
-        logits = self.model(idx, cache=self.cache, positions=pos[:, None], attn_mask=mask)[:, -1].float()
+        logits = self._forward(idx, cache=self.cache, positions=pos[:, None], attn_mask=mask)[:, -1].float()
         for s in seqs:
             s.pos += 1
         self._sample(seqs, logits)
@@ -415,8 +424,33 @@ class Engine:
             s.on_event(Event(rest, list(s.out), s.pending_lp or None, s.finish, len(s.req.prompt), len(s.out)))
 
 
-def _completing(handle: Handle, on_event):
-    """Wrap ``on_event`` so the handle collects the whole completion and is marked done at the end."""
+def submit_all(engine, requests: list[GenRequest], while_full: Callable[[], object]) -> list:
+    """Submit every request to ``engine``, calling ``while_full`` (step, or wait) while its queue is full."""
+    handles = []
+    for r in requests:
+        while True:
+            try:
+                handles.append(engine.submit(r))
+                break
+            except QueueFull:
+                while_full()
+    return handles
+
+
+def check_request(req: GenRequest, context: int) -> None:
+    if not req.prompt:
+        raise LmforgeError("the prompt has no tokens")
+    if req.max_tokens < 1:
+        raise LmforgeError("max_tokens must be at least 1")
+    over = len(req.prompt) + req.max_tokens - context
+    if over > 0:
+        raise LmforgeError(f"the prompt ({len(req.prompt)} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
+                           f"model's context of {context} tokens by {over}")
+
+
+def completing(handle, on_event, want_logprobs: bool):
+    """Wrap ``on_event`` so ``handle`` (anything with ``done`` and ``completion``) collects the whole
+    completion and is marked done at the end."""
     parts: list[str] = []
     lps: list[dict] = []
 
@@ -428,7 +462,7 @@ def _completing(handle: Handle, on_event):
             on_event(ev)
         if ev.finish_reason is not None:
             handle.completion = Completion("".join(parts), ev.token_ids, ev.finish_reason, ev.prompt_tokens,
-                                           ev.completion_tokens, lps if handle._seq.req.logprobs is not None else None)
+                                           ev.completion_tokens, lps if want_logprobs else None)
             handle.done.set()
 
     return cb
