@@ -373,12 +373,20 @@ async def _one(h: httpx.AsyncClient, i: int, rng) -> int:
         return r.status_code
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024
+def _rss_mb(pids=("self",)) -> float:
+    """Resident memory of the server: this process (the HTTP side runs in it) and its engine processes."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(x.split()[1]) for x in f if x.startswith("VmRSS"))
+    return total / 1024
 
 
-def run_load(url, n_requests: int, concurrency: int, waves: int = 3) -> tuple[list[int], list[float]]:
+def server_pids(state) -> tuple:
+    return ("self", *(m.engine._proc.pid for m in state.models.values() if getattr(m.engine, "_proc", None)))
+
+
+def run_load(url, n_requests: int, concurrency: int, waves: int = 3, pids=("self",)) -> tuple[list[int], list[float]]:
     import random
 
     async def wave(seed):
@@ -394,14 +402,16 @@ def run_load(url, n_requests: int, concurrency: int, waves: int = 3) -> tuple[li
     statuses, rss = [], []
     for w in range(waves):
         statuses += asyncio.run(wave(w))
-        rss.append(_rss_mb())
+        rss.append(_rss_mb(pids))
     return statuses, rss
 
 
 def test_load_with_disconnects_leaves_no_5xx_and_no_leaked_slots(server):
     url, state, _ = server
     engine = state.models["chat"].engine
-    statuses, rss = run_load(url, n_requests=40, concurrency=12)
+    pids = server_pids(state)
+    assert len(pids) == 2  # the engine runs in a process of its own, and its memory is counted too
+    statuses, rss = run_load(url, n_requests=40, concurrency=12, pids=pids)
     assert len(statuses) == 120 and all(s == 200 for s in statuses), sorted(set(statuses))
     assert wait_until(lambda: engine.n_active == 0 and engine.queue_depth == 0, timeout=15)
     # The first wave warms allocators and caches; later waves must not keep growing.
@@ -412,7 +422,7 @@ def test_load_with_disconnects_leaves_no_5xx_and_no_leaked_slots(server):
 @pytest.mark.slow
 def test_load_full_size(server):
     url, state, _ = server
-    statuses, rss = run_load(url, n_requests=500, concurrency=32)
+    statuses, rss = run_load(url, n_requests=500, concurrency=32, pids=server_pids(state))
     assert all(s == 200 for s in statuses) and rss[2] - rss[0] < 40, (sorted(set(statuses)), rss)
     assert wait_until(lambda: state.models["chat"].engine.n_active == 0, timeout=30)
 
