@@ -5,6 +5,7 @@ import asyncio
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def test_engine_refuses_prompts_over_the_context(lm):
         engine.submit(GenRequest([eos] * (ctx - 5), max_tokens=10))
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_decode_equals_eager(lm):
     """torch.compile'd decode steps (batches of one and of several, slots reused) give the same greedy
     tokens as the eager model: the keys a compiled step writes reach the engine's cache, since every
