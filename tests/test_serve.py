@@ -441,6 +441,8 @@ def test_a_dead_engine_process_is_503_not_a_hang(chat_base, tmp_path):
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down", r.text
         assert "has stopped" in r.json()["error"]["message"]
+        h = httpx.get(f"{url}/health", timeout=10)
+        assert h.status_code == 503 and h.json()["status"] == "degraded" and "chat" in h.json()["down"]
 
 
 def test_queue_full_is_429_with_retry_after(chat_base, tmp_path):

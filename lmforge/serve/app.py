@@ -288,7 +288,11 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         body = {"status": state.status, "models": list(state.models)}
         if state.error:
             body["error"] = state.error
-        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+        # A model whose engine process has died cannot answer again until the server restarts.
+        down = {name: m.engine.down for name, m in state.models.items() if getattr(m.engine, "down", "")}
+        if down and state.status == "ready":
+            body.update(status="degraded", down=down)
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics():

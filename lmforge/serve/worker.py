@@ -99,6 +99,11 @@ class EngineProcess:
     def steps(self) -> int:
         return self._stats[5] - self._base[2]
 
+    @property
+    def down(self) -> str:
+        """Why the child has ended ("" while it runs, or before it has started)."""
+        return self._dead
+
     def reset_counters(self) -> None:
         self._base = tuple(self._stats[3:6])
 
