@@ -495,7 +495,7 @@ def test_sigterm_drains_streams_and_exits_zero(chat_base, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", f"chat={chat_base}", "--port", str(port),
                           "--no-auth", "--dir", str(tmp_path), "--no-calibrate", "--drain-timeout", "20"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         def up():
@@ -517,8 +517,10 @@ def test_sigterm_drains_streams_and_exits_zero(chat_base, tmp_path):
                                 lines.append(line)
                             if len(lines) == 2:
                                 started.append(i)
-                                if len(started) == 4:  # every stream is in flight: now stop the server
-                                    p.send_signal(signal.SIGTERM)
+                                if len(started) == 4:  # every stream is in flight: now stop the server,
+                                    # the whole process group, as a service manager (or Ctrl-C) does:
+                                    # the engine process must not die before the streams it serves.
+                                    os.killpg(p.pid, signal.SIGTERM)
                     return lines
                 return await asyncio.gather(*(one(i) for i in range(4)))
 

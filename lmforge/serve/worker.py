@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from typing import Callable
@@ -216,6 +217,11 @@ class EngineProcess:
 
 def _child_main(conn, build, threads: int) -> None:
     """The child: build the engine, then alternate between reading commands and stepping."""
+    # The parent decides when this process ends (a "close", or its end of the pipe closing). A SIGTERM
+    # to the whole process group (a service manager) or Ctrl-C's SIGINT would otherwise end it
+    # at once, cutting off the streams the parent is still draining.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         engine = build()
