@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -157,10 +158,21 @@ def test_engine_process_matches_the_thread_engine_and_fails_cleanly_when_killed(
         assert ep.queue_depth == 2
         with pytest.raises(QueueFull):
             ep.submit(GenRequest(prompts[2], max_tokens=5, temperature=0))
+        # The child has both and, paused, admits neither.
+        assert wait_until(lambda: ep._stats[0] == 2, timeout=10) and ep.n_active == 0
+        time.sleep(0.2)
+        assert ep.n_active == 0 and not b.done.is_set()
         a.cancel()
         ep.start()
         assert b.done.wait(30) and a.done.wait(30)
         assert a.completion.finish_reason == "cancelled" and b.completion.token_ids == here[1].token_ids[:5]
+
+        # A request whose event handler raises still completes, and the engine keeps serving.
+        def broken(ev):
+            raise RuntimeError("a handler bug")
+        c = ep.submit(GenRequest(prompts[2], max_tokens=3, temperature=0), broken)
+        assert c.done.wait(30) and c.completion.token_ids == here[2].token_ids
+        assert ep.generate(reqs[:1])[0].token_ids == here[0].token_ids and ep.down == ""
 
         long = ep.submit(GenRequest(prompts[3], max_tokens=CHAT_CTX - len(prompts[3]), temperature=0))
         assert wait_until(lambda: ep.n_active == 1, timeout=10)
@@ -427,6 +439,20 @@ def test_load_full_size(server):
     statuses, rss = run_load(url, n_requests=500, concurrency=32, pids=server_pids(state))
     assert all(s == 200 for s in statuses) and rss[2] - rss[0] < 40, (sorted(set(statuses)), rss)
     assert wait_until(lambda: state.models["chat"].engine.n_active == 0, timeout=30)
+
+
+def test_a_process_that_never_closes_its_engine_still_exits(chat_base):
+    """The engine process ignores SIGTERM (the server ends it after draining), so multiprocessing's
+    own exit hook could not end it: the engine closes it at exit, even mid-load."""
+    code = (f"import functools\n"
+            f"from lmforge.serve.models import build_engine\n"
+            f"from lmforge.serve.worker import EngineProcess\n"
+            f"b = functools.partial(build_engine, {str(chat_base)!r}, {str(tokenizer_dir_for(chat_base))!r}, "
+            f"'float32', 'cpu', 2, 8)\n"
+            f"e = EngineProcess(b, {CHAT_CTX}, 2, 8, threads=1).start()\n"
+            f"print(len(e.generate([])))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr[-2000:]
 
 
 def test_a_dead_engine_process_is_503_not_a_hang(chat_base, tmp_path):

@@ -402,9 +402,12 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         def sink(i):
             def put(ev):
                 # Accounting happens here, on the engine's thread, so a request is billed for what was
-                # generated even when its client is gone before the last event.
-                track.event(ev)
-                dispatch.post(q, (i, ev))
+                # generated even when its client is gone before the last event. If it fails (say the
+                # ledger's disk is full), the client still gets its event.
+                try:
+                    track.event(ev)
+                finally:
+                    dispatch.post(q, (i, ev))
             return put
 
         handles = []

@@ -458,11 +458,13 @@ def completing(handle, on_event, want_logprobs: bool):
         parts.append(ev.text)
         if ev.logprobs:
             lps.extend(ev.logprobs)
-        if on_event is not None:
-            on_event(ev)
-        if ev.finish_reason is not None:
-            handle.completion = Completion("".join(parts), ev.token_ids, ev.finish_reason, ev.prompt_tokens,
-                                           ev.completion_tokens, lps if want_logprobs else None)
-            handle.done.set()
+        try:
+            if on_event is not None:
+                on_event(ev)
+        finally:  # a failing handler must not leave a waiter on the handle for ever
+            if ev.finish_reason is not None:
+                handle.completion = Completion("".join(parts), ev.token_ids, ev.finish_reason, ev.prompt_tokens,
+                                               ev.completion_tokens, lps if want_logprobs else None)
+                handle.done.set()
 
     return cb

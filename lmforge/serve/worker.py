@@ -16,6 +16,7 @@ thread. If the child dies, every request in flight ends with ``finish_reason = "
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing as mp
@@ -66,7 +67,8 @@ class EngineProcess:
         self._conn = None
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the calls in flight and the death notice
+        self._life = threading.Lock()  # starting and ending the child
         self._calls: dict[int, tuple[RemoteHandle, Callable]] = {}
         self._ids = itertools.count()
         self._submitted = 0
@@ -145,19 +147,25 @@ class EngineProcess:
                            name="lmforge-engine", daemon=True)
         proc.start()
         child.close()
-        if not parent.poll(START_TIMEOUT):
-            proc.kill()
-            raise LmforgeError(f"the engine process did not load its model within {START_TIMEOUT:.0f} s")
+        with self._life:
+            self._proc, self._conn, self._dead = proc, parent, ""
+            self._stats, self._base, self._submitted = (0, 0, 0, 0, 0, 0), (0, 0, 0), 0
+            # The child ignores SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait
+            # for it for ever: end it first, even if the server exits while the model is still loading.
+            atexit.register(self.close)
         try:
+            if not parent.poll(START_TIMEOUT):
+                self._end()
+                raise LmforgeError(f"the engine process did not load its model within {START_TIMEOUT:.0f} s")
             kind, detail = parent.recv()
-        except EOFError:
-            proc.join(5)
-            raise LmforgeError(f"the engine process exited while loading (exit code {proc.exitcode})") from None
+        except (EOFError, OSError):
+            code = self._end()
+            raise LmforgeError(f"the engine process exited while loading (exit code {code})") from None
         if kind != "ready":
-            proc.join(5)
+            self._end()
             raise LmforgeError(detail)
-        self._proc, self._conn, self._dead = proc, parent, ""
-        self._reader = threading.Thread(target=self._read, name="lmforge-engine-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(parent, proc), name="lmforge-engine-reader",
+                                        daemon=True)
         self._reader.start()
         return self
 
@@ -168,18 +176,27 @@ class EngineProcess:
 
     def close(self) -> None:
         """End the child; requests still in flight end with ``error``."""
-        if self._proc is None:
-            return
-        self._send(("close",))
-        self._proc.join(10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        if self._reader is not None:
-            self._reader.join(10)
-        self._proc = None
+        self._end()
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(10)
 
     # -- plumbing
+    def _end(self) -> int | None:
+        """Ask the child to exit (kill it if it does not within 10 s); its exit code."""
+        with self._life:
+            proc, conn, self._proc = self._proc, self._conn, None
+            if proc is None:
+                return None
+            atexit.unregister(self.close)
+        self._send(("close",))
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        conn.close()
+        return proc.exitcode
+
     def _send(self, msg) -> None:
         with self._send_lock:
             try:
@@ -187,32 +204,40 @@ class EngineProcess:
             except (OSError, AttributeError):  # the child is gone: the reader fails what is in flight
                 pass
 
-    def _read(self) -> None:
-        conn = self._conn
-        try:
-            while True:
+    def _read(self, conn, proc) -> None:
+        while True:
+            try:
                 events, stats = conn.recv()
-                self._stats = stats
-                for sid, ev in events:
-                    call = self._calls.get(sid)
-                    if call is None:
-                        continue
-                    if ev.finish_reason is not None:
-                        with self._lock:
-                            self._calls.pop(sid, None)
-                    call[1](ev)
-        except (EOFError, OSError):
-            pass
+            except (EOFError, OSError):  # the child has exited, or the pipe was closed by close()
+                break
+            self._stats = stats
+            for sid, ev in events:
+                call = self._calls.get(sid)
+                if call is None:
+                    continue
+                if ev.finish_reason is not None:
+                    with self._lock:
+                        self._calls.pop(sid, None)
+                _deliver(call[1], ev)
+        proc.join(2)  # reaped, so that its exit code is known
+        code = proc.exitcode
         with self._lock:
-            code = self._proc.exitcode if self._proc is not None else None
-            self._dead = f"exit code {code}" if code else "closed"
+            self._dead = "closed" if code == 0 else f"exit code {code}"
             calls, self._calls = list(self._calls.values()), {}
             self._stats = (0, 0, 0, *self._stats[3:])
             self._submitted = 0
         if calls:
             log.error("the engine process ended with %d requests in flight (%s)", len(calls), self._dead)
         for _, cb in calls:
-            cb(Event("", [], None, "error"))
+            _deliver(cb, Event("", [], None, "error"))
+
+
+def _deliver(cb, ev: Event) -> None:
+    """One request's event handler: a failing one is logged, and the other requests still get theirs."""
+    try:
+        cb(ev)
+    except Exception:
+        log.exception("handling an engine event failed")
 
 
 def _child_main(conn, build, threads: int) -> None:
