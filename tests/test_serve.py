@@ -441,9 +441,14 @@ def test_load_full_size(server):
     assert wait_until(lambda: state.models["chat"].engine.n_active == 0, timeout=30)
 
 
+def test_an_unknown_engine_is_a_one_line_error(chat_base):
+    r = run_cli("serve", chat_base, "--engine", "fork", "--no-auth")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --engine 'fork': use process or thread", r.stderr
+
+
 def test_a_process_that_never_closes_its_engine_still_exits(chat_base):
     """The engine process ignores SIGTERM (the server ends it after draining), so multiprocessing's
-    own exit hook could not end it: the engine closes it at exit, even mid-load."""
+    own exit hook could not end it: the engine closes it at interpreter exit."""
     code = (f"import functools\n"
             f"from lmforge.serve.models import build_engine\n"
             f"from lmforge.serve.worker import EngineProcess\n"
@@ -463,7 +468,7 @@ def test_a_dead_engine_process_is_503_not_a_hang(chat_base, tmp_path):
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
         engine = state.models["chat"].engine
         os.kill(engine._proc.pid, signal.SIGKILL)
-        assert wait_until(lambda: bool(engine._dead), timeout=10)
+        assert wait_until(lambda: bool(engine.down), timeout=10)
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down", r.text
         assert "has stopped" in r.json()["error"]["message"]

@@ -289,7 +289,7 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         if state.error:
             body["error"] = state.error
         # A model whose engine process has died cannot answer again until the server restarts.
-        down = {name: m.engine.down for name, m in state.models.items() if getattr(m.engine, "down", "")}
+        down = {name: m.engine.down for name, m in state.models.items() if m.engine.down}
         if down and state.status == "ready":
             body.update(status="degraded", down=down)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
@@ -414,18 +414,15 @@ def create_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         try:
             for i, r in enumerate(reqs):
                 handles.append(m.engine.submit(r, sink(i)))
-        except QueueFull as e:
+        except (QueueFull, EngineDown) as e:
             track.rejected = True
             for h in handles:
                 h.cancel()
-            state.metrics.requests.labels(m.name, kind, "429").inc()
-            raise ApiError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        except EngineDown as e:
-            track.rejected = True
-            for h in handles:
-                h.cancel()
-            state.metrics.requests.labels(m.name, kind, "503").inc()
-            raise ApiError(503, f"model '{m.name}': {e}", "server_error", code="engine_down") from None
+            err = (ApiError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+                   if isinstance(e, QueueFull) else
+                   ApiError(503, f"model '{m.name}': {e}", "server_error", code="engine_down"))
+            state.metrics.requests.labels(m.name, kind, str(err.status)).inc()
+            raise err from None
         if p.stream:
             return StreamingResponse(stream(m, p, kind, rid, q, handles, track, citations), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

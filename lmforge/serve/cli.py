@@ -16,6 +16,7 @@ from lmforge.route.config import load_router
 from lmforge.route.evaluate import calibration_prompts
 from lmforge.route.router import Router
 from lmforge.serve.app import ServeConfig, State, read_keys, run_server
+from lmforge.serve.models import check_engine
 
 
 def serve_cmd(
@@ -66,8 +67,7 @@ def serve_cmd(
       lmforge serve small=runs/default/train big=runs/sft-d3 --port 8080 --api-keys keys.toml
       curl -H 'Authorization: Bearer secret123' localhost:8000/v1/models
     """
-    if engine not in ("process", "thread"):
-        raise LmforgeError(f"--engine {engine!r}: use process or thread")
+    check_engine(engine)
     if max_seqs < 1 or max_queue < 0 or max_body < 1 or threads < 0:
         raise LmforgeError("--max-seqs and --max-body must be at least 1, --max-queue and --threads at least 0")
     specs = list(models or [])

@@ -161,10 +161,11 @@ class Engine:
     """Continuous batching over one model. ``max_seqs`` sequences decode together; up to
     ``max_queue`` more wait. ``decode(ids) -> str`` turns tokens into text (a tokenizer's decode)."""
 
+    down = ""  # why the engine can serve no more ("" here: a failing step fails its requests, not the engine)
+
     def __init__(self, model, decode: Callable[[list[int]], str], max_seqs: int = 16, max_queue: int = 256,
                  prefill_tokens: int = 4096, token_text: Callable[[int], str] | None = None, compile: bool = False):
-        if max_seqs < 1 or max_queue < 0:
-            raise LmforgeError("max_seqs must be >= 1 and max_queue >= 0")
+        check_limits(max_seqs, max_queue)
         self.model = model.eval()
         self.cfg = model.cfg
         self.decode_ids = decode
@@ -435,6 +436,11 @@ def submit_all(engine, requests: list[GenRequest], while_full: Callable[[], obje
             except QueueFull:
                 while_full()
     return handles
+
+
+def check_limits(max_seqs: int, max_queue: int) -> None:
+    if max_seqs < 1 or max_queue < 0:
+        raise LmforgeError("max_seqs must be >= 1 and max_queue >= 0")
 
 
 def check_request(req: GenRequest, context: int) -> None:

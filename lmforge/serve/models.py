@@ -67,12 +67,19 @@ def pick_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+ENGINES = ("process", "thread")
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise LmforgeError(f"--engine {engine!r}: use process or thread")
+
+
 def load_served(spec: str, work_dir: Path, max_seqs: int, max_queue: int, precision: str = "auto",
                 device: str = "cpu", engine: str = "thread", threads: int = 0, compile: bool = False) -> ServedModel:
     """``engine``: "thread" loads the model here; "process" leaves it to the engine's own process,
     which loads it on ``start()``. ``compile``: the decode step through ``torch.compile``."""
-    if engine not in ("thread", "process"):
-        raise LmforgeError(f"--engine {engine!r}: use thread or process")
+    check_engine(engine)
     name, path = model_name(spec)
     base = resolve_base(path, work_dir / "models" / name, flag="MODEL")
     tok = base.tokenizer()

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.engine import Completion, Event, GenRequest, QueueFull, check_request, completing, submit_all
+from lmforge.serve.engine import (Completion, Event, GenRequest, QueueFull, check_limits, check_request, completing,
+                                  submit_all)
 
 log = logging.getLogger("lmforge.serve")
 
@@ -59,8 +60,7 @@ class EngineProcess:
 
     def __init__(self, build: Callable[[], object], context: int, max_seqs: int = 16, max_queue: int = 256,
                  threads: int = 0):
-        if max_seqs < 1 or max_queue < 0:
-            raise LmforgeError("max_seqs must be >= 1 and max_queue >= 0")
+        check_limits(max_seqs, max_queue)
         self.build, self.context, self.max_seqs, self.max_queue = build, context, max_seqs, max_queue
         self.threads = threads
         self._proc = None
