@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from lmforge.train import distributed as D
+
 
 def losses(run_dir):
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
@@ -132,3 +134,21 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes_exactly(tiny_data, tmp_p
     assert fin.returncode == 0, fin.stderr[-3000:]
     a, b = load_model(tmp_path / "ref").state_dict(), load_model(run).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_setup_keeps_the_threads_a_user_set_with_omp_num_threads(monkeypatch):
+    # Two runs side by side on one host each set OMP_NUM_THREADS=1; setup used to raise both back
+    # to every core, and the oversubscribed pair ran 4x slower.
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        D.setup("cpu")
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        D.setup("cpu")
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

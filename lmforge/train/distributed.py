@@ -50,8 +50,10 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
         # Processes on one host share its cores; oversubscribing threads costs more than it gains.
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(1, local_world)))
+        # OMP_NUM_THREADS, when set, is the user's own split (two runs side by side, say) and wins.
+        if not os.environ.get("OMP_NUM_THREADS"):
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // max(1, local_world)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local_rank, local_world, dev)
