@@ -1,6 +1,7 @@
 """The ladder, fit, forecast, plan and cost ledger on real (micro) training runs."""
 
 import json
+import re
 import shutil
 import signal
 
@@ -10,6 +11,8 @@ from conftest import run_cli, signal_when
 from lmforge.cost.ledger import ledger
 from lmforge.errors import LmforgeError
 from lmforge.model.model import ModelConfig, flops_per_token, param_counts
+from lmforge.scaling.design import design_ladder
+from lmforge.scaling.experiment import PILOT_FILE, ExperimentConfig, ladder_base, run_experiment
 from lmforge.scaling.forecast import best_depth, check_forecast, depth_options, fit_runs, forecast, load_fit, plan_compute
 from lmforge.scaling.ladder import (LadderConfig, create_ladder, load_ladder, plan_ladder, run_ladder, rung_warmup,
                                    target_limits)
@@ -206,11 +209,12 @@ def test_a_run_with_a_forecast_checks_itself(micro_ladder, tiny_data, tmp_path):
 
 def test_experiment_preset_forecasts_before_the_targets_and_resumes(medium_data, tmp_path):
     """`lmforge ladder experiment` at micro scale: design, ladder, fit, two forecasts before either target, report."""
-    from lmforge.scaling.experiment import ExperimentConfig, run_experiment
 
     corpus = medium_data[0].parent / "corpus"  # ~1.5M train tokens: the targets stay within one epoch
+    # No pilot: at this scale its tail starts beyond any rung these targets allow
+    # (test_experiment_pilot_sizes_the_rungs_or_names_the_budgets_that_would_do).
     cfg = ExperimentConfig(sources=[str(corpus)], vocab_size=512, target_flops=[3e11, 5e11], target_depths=[2, 3],
-                           aspect=16, min_steps=10, context=64, eval_windows=64, n_boot=10)
+                           aspect=16, min_steps=10, context=64, eval_windows=64, n_boot=10, pilot=False)
     out = tmp_path / "exp"
     r = run_experiment(out, cfg, progress=False)
     plan = load_ladder(out / "ladder")
@@ -235,6 +239,30 @@ def test_experiment_preset_forecasts_before_the_targets_and_resumes(medium_data,
     assert (out / "forecast.json").read_text() == stamp and again["targets"] == r["targets"]
     with pytest.raises(LmforgeError, match="different config"):
         run_experiment(out, ExperimentConfig(**{**cfg.__dict__, "target_flops": [4e11, 5e11]}), progress=False)
+
+
+def test_experiment_pilot_sizes_the_rungs_or_names_the_budgets_that_would_do(medium_data, tmp_path):
+    """The pilot finds where the loss curve reaches its tail; targets too small for rungs past it get an
+    error that names the smallest budgets (same ratios) that would do, and the pilot is not rerun."""
+    corpus = medium_data[0].parent / "corpus"
+    cfg = ExperimentConfig(sources=[str(corpus)], vocab_size=512, target_flops=[3e11, 5e11], target_depths=[2, 3],
+                           aspect=16, min_steps=10, context=64, eval_windows=64, n_boot=10, pilot_evals=24)
+    out = tmp_path / "exp"
+    with pytest.raises(LmforgeError, match=r"the smallest targets in the same ratios .* --target-flops ") as e:
+        run_experiment(out, cfg, progress=False)
+    pilot = json.loads((out / PILOT_FILE).read_text())
+    assert pilot["onset_tokens"] > 0 and len(pilot["curve"]) >= 20
+    # The pilot trained as long as the largest rung may: a tenth of the smallest target.
+    assert 0.9 * 3e11 / 10 <= pilot["flops"] <= 3e11 / 10
+    suggested = [float(x) for x in re.search(r"--target-flops ([0-9.e+]+),([0-9.e+]+),", str(e.value)).groups()]
+    assert suggested[0] > 3e11 and suggested[1] / suggested[0] == pytest.approx(5 / 3, rel=0.1)
+    d = design_ladder(suggested, ladder_base(cfg), 512, max_tokens=1e9, target_depths=[2, 3], min_steps=10,
+                      min_tokens=pilot["onset_tokens"], reserved=pilot["flops"])
+    assert all(t >= pilot["onset_tokens"] for bs in d["ladder"].budgets.values() for t in bs)
+    stamp = (out / PILOT_FILE).read_text()
+    with pytest.raises(LmforgeError, match="smallest targets"):
+        run_experiment(out, cfg, progress=False)
+    assert (out / PILOT_FILE).read_text() == stamp
 
 
 def test_ladder_plan_designs_from_targets(tiny_data, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.model.model import ModelConfig, param_counts
-from lmforge.scaling.design import design_ladder, pick_target_depths
+from lmforge.scaling.design import design_ladder, pick_target_depths, smallest_feasible
 from lmforge.scaling.ladder import LadderConfig, plan_ladder
 
 VOCAB = 4096
@@ -71,3 +71,30 @@ def test_targets_too_small_get_an_error_that_says_what_to_do():
         design_ladder([], family(), VOCAB, max_tokens=1e9)
     with pytest.raises(LmforgeError, match="distinct depth"):
         design_ladder([1e15, 2e15], family(), VOCAB, max_tokens=1e9, target_depths=[4, 4])
+
+
+def test_min_tokens_keeps_every_rung_on_the_tail_and_the_pilot_inside_the_ladder_budget():
+    onset, pilot = 3e6, 1.2e13
+    d = design_ladder([1.5e15, 2.5e15], family(), VOCAB, max_tokens=1e10, target_depths=[3, 4], min_tokens=onset,
+                      reserved=pilot)
+    rungs = plan_ladder(d["ladder"], "unused", VOCAB)
+    assert min(r["D"] for r in rungs) >= onset
+    assert sum(r["flops"] for r in rungs) + pilot <= 1.5e15 / 3
+    # The same targets without the floor start their rungs far lower.
+    free = plan_ladder(design_ladder([1.5e15, 2.5e15], family(), VOCAB, max_tokens=1e10, target_depths=[3, 4])["ladder"],
+                       "unused", VOCAB)
+    assert min(r["D"] for r in free) < onset / 4
+
+
+def test_smallest_feasible_scales_the_targets_until_the_rules_hold():
+    targets = [2.5e14, 4.2e14]
+    with pytest.raises(LmforgeError, match="tokens \\(where the loss curve reaches its tail\\)"):
+        design_ladder(targets, family(), VOCAB, max_tokens=1e10, target_depths=[3, 4], min_tokens=4e6)
+    scale, d = smallest_feasible(targets, family(), VOCAB, max_tokens=1e10, target_depths=[3, 4], min_tokens=4e6)
+    assert scale > 1
+    assert [t["flops"] for t in d["targets"]] == pytest.approx([c * scale for c in targets], rel=0.01)
+    with pytest.raises(LmforgeError):  # one step smaller does not keep the rules
+        design_ladder([c * scale / 1.25 for c in targets], family(), VOCAB, max_tokens=1e10, target_depths=[3, 4],
+                      min_tokens=4e6)
+    assert smallest_feasible(targets, family(), VOCAB, max_tokens=1e10, target_depths=[3, 4], min_tokens=4e6,
+                             max_scale=2) is None

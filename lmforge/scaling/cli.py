@@ -57,6 +57,8 @@ def ladder_plan_cmd(
                                 "docs/scaling.md (three depths bracketing the targets, three budgets each)."),
     target_depths: Optional[str] = typer.Option(None, "--target-depths", help="With --design: each target's depth "
                                                 "(default: nearest 20 tokens/param)."),
+    min_tokens: Optional[float] = typer.Option(None, "--min-tokens", help="With --design: no rung on fewer tokens, e.g. "
+                                               "where a pilot's loss curve reached its tail (the experiment's pilot.json)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[ladder] table sets any ladder key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set ladder.lr_ref=2e-3"),
 ):
@@ -78,7 +80,7 @@ def ladder_plan_cmd(
             raise LmforgeError("--design needs --target-flops: the ladder is designed from the runs it will forecast")
         _, td = open_tokens(data)
         d = design_ladder(targets, cfg, td.vocab_size, max_tokens=len(td.split("train")),
-                          target_depths=_parse_list(target_depths, int, "--target-depths"))
+                          target_depths=_parse_list(target_depths, int, "--target-depths"), min_tokens=min_tokens or 0.0)
         plan = create_ladder(out, d["ladder"], str(data), budget)
         for t in d["targets"]:
             print(f"{t['name']}: depth {t['depth']}, N = {si(t['N'])}, D = {si(t['D'])}, {t['steps']} steps, "

@@ -16,8 +16,10 @@ The rules, in order:
    deep ones pin down N.
 4. **Compute.** No rung above ``1/rung_share`` of the smallest target's compute (nor, with two
    targets or more, above ``1/top_share`` of the largest's), and the whole ladder at most
-   ``1/ladder_share`` of the smallest: the cap starts at the first and shrinks by
-   5% at a time until the second holds.
+   ``1/ladder_share`` of the smallest (less ``reserved``: the pilot's compute): the cap starts at
+   the first and shrinks by 5% at a time until the second holds.
+5. **On the tail.** With ``min_tokens`` (where a pilot's loss curve reached its power-law tail,
+   :mod:`lmforge.scaling.regime`) no rung trains on fewer tokens than that.
 
 Every rung and target gets the same size rules for lr, batch and warmup
 (``rung_hparams``, ``rung_warmup``).
@@ -71,12 +73,13 @@ def pick_target_depths(target_flops: list[float], cfg: LadderConfig, vocab_size:
 
 
 def _depth_budgets(depth: int, cap: float, cfg: LadderConfig, vocab_size: int, per_depth: int, min_steps: int,
-                   min_span: float):
+                   min_span: float, min_tokens: float = 0.0):
     """Rule 3 for one depth: ``per_depth`` budgets evenly spaced in log tokens from ``min_steps``
-    steps up to the most whole steps under ``cap``, spanning at least ``min_span``; or None."""
+    steps (and ``min_tokens``) up to the most whole steps under ``cap``, spanning at least
+    ``min_span``; or None."""
     model = family_model(depth, cfg, vocab_size)
     tokens_per_step = rung_hparams(model, cfg)["batch_size"] * cfg.context
-    low = min_steps * tokens_per_step
+    low = max(min_steps * tokens_per_step, math.ceil(min_tokens / tokens_per_step) * tokens_per_step)
     top = math.floor(cap / flops_per_token(model) / tokens_per_step) * tokens_per_step
     if top < low * min_span:
         return None
@@ -116,7 +119,7 @@ def design_ladder(target_flops: list[float], cfg: LadderConfig, vocab_size: int,
 
 def _design(target_flops: list[float], depths_t: list[int], cfg: LadderConfig, vocab_size: int, per_depth: int = 3,
             min_steps: int = 200, rung_share: float = 10.0, ladder_share: float = 3.0, min_span: float = 2.0,
-            top_share: float = 25.0) -> dict:
+            top_share: float = 25.0, min_tokens: float = 0.0, reserved: float = 0.0) -> dict:
     if len(depths_t) != len(target_flops) or len(set(depths_t)) != len(depths_t) or min(depths_t) < 2:
         raise LmforgeError(f"target depths {depths_t}: give one distinct depth of at least 2 per target budget")
     smallest = min(target_flops)
@@ -127,7 +130,7 @@ def _design(target_flops: list[float], depths_t: list[int], cfg: LadderConfig, v
     while cap * per_depth >= run_spec("", lo, 1, cfg, vocab_size)["flops"]:
         budgets, dropped = {}, []
         for depth in range(lo, hi + 1):
-            b = _depth_budgets(depth, cap, cfg, vocab_size, per_depth, min_steps, min_span)
+            b = _depth_budgets(depth, cap, cfg, vocab_size, per_depth, min_steps, min_span, min_tokens)
             if b is None and depth > max(depths_t):
                 dropped.append(depth)
             elif b is None:
@@ -137,23 +140,40 @@ def _design(target_flops: list[float], depths_t: list[int], cfg: LadderConfig, v
                 budgets[str(depth)] = b
         if budgets is not None and cap <= top_cap:
             total = sum(run_spec("", int(d), t, cfg, vocab_size)["flops"] for d, bs in budgets.items() for t in bs)
-            if total <= smallest / ladder_share:
+            if total + reserved <= smallest / ladder_share:
                 break
         cap *= 0.95
     else:
         budgets = None
     if budgets is None:
+        floor = f" and {min_tokens:.3g} tokens (where the loss curve reaches its tail)" if min_tokens else ""
         raise LmforgeError(f"targets of {', '.join(f'{c:.3g}' for c in target_flops)} FLOPs are too small for a ladder "
-                           f"with {per_depth} budgets of at least {min_steps} steps at depths {lo}-{max(depths_t)} under "
+                           f"with {per_depth} budgets of at least {min_steps} steps{floor} at depths {lo}-{max(depths_t)} under "
                            f"the rules (each rung <= 1/{rung_share:g}, the ladder <= 1/{ladder_share:g} of the smallest "
                            "target); raise --target-flops or use a smaller model family (ladder.aspect)")
     if len(budgets) < 3:
         raise LmforgeError(f"the ladder for targets at depths {depths_t} holds only depths {list(budgets)}; it needs three "
                            "that bracket the targets: raise --target-flops or give deeper --target-depths")
     if dropped:
+        floor = f" or {min_tokens:.3g} tokens" if min_tokens else ""
         notes.append(f"depth {dropped[0]} (above the deepest target) dropped: its rungs would train fewer than "
-                     f"{min_steps} steps under the cap, so the deepest target is bracketed at its own depth")
+                     f"{min_steps} steps{floor} under the cap, so the deepest target is bracketed at its own depth")
     lcfg = replace(cfg, depths=[int(d) for d in budgets], budgets=budgets)
     targets = [run_spec(f"target{i + 1}-d{d}", d, C / flops_per_token(family_model(d, cfg, vocab_size)), cfg, vocab_size)
                for i, (C, d) in enumerate(zip(target_flops, depths_t))]
     return {"ladder": lcfg, "targets": targets, "rung_cap_flops": cap, "notes": notes}
+
+
+def smallest_feasible(target_flops: list[float], cfg: LadderConfig, vocab_size: int, max_tokens: float,
+                      target_depths: list[int] | None = None, step: float = 1.25, max_scale: float = 1e4,
+                      **rules) -> tuple[float, dict] | None:
+    """The smallest factor (in steps of ``step``) by which every target budget must grow, keeping
+    their ratios, for a ladder that keeps the rules; and that design. None past ``max_scale``."""
+    scale = 1.0
+    while scale <= max_scale:
+        try:
+            return scale, design_ladder([c * scale for c in target_flops], cfg, vocab_size, max_tokens,
+                                        target_depths=target_depths, **rules)
+        except LmforgeError:
+            scale *= step
+    return None

@@ -1,6 +1,7 @@
 """The whole predict-then-launch workflow as one resumable function: ``lmforge ladder experiment``.
 
-    data -> tokenizer -> ladder designed from the targets (design.py) -> ladder run -> fit
+    data -> tokenizer -> pilot: where the loss curve reaches its tail (regime.py)
+         -> ladder designed from the targets, every rung on the tail (design.py) -> ladder run -> fit
          -> a forecast for every target, written with its time before any target starts
          -> the targets, one after another -> check each forecast -> plot, cost ledger, report
 
@@ -26,14 +27,20 @@ from lmforge.cost.ledger import ledger
 from lmforge.data.shards import INDEX, open_tokens
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json, atomic_write_text, is_complete, read_manifest
-from lmforge.scaling.design import design_ladder
+from lmforge.scaling.design import design_ladder, run_spec, smallest_feasible
 from lmforge.scaling.fit import Point, backtest
 from lmforge.scaling.forecast import check_forecast, fit_runs, forecast, load_fit, load_law, plot_fit, train_with_forecast
 from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_train_config
+from lmforge.scaling.regime import tail_onset
 from lmforge.tokenizer.encode import build_token_data
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import val_curve
+from lmforge.train.trainer import train
 
 FORECAST_FILE = "forecast.json"
 DESIGN_FILE = "design.json"
+PILOT_FILE = "pilot.json"
+PILOT_DEPTH = 2  # the shallowest depth a ladder uses (depth 1's curve has another shape: docs/scaling.md)
 
 
 @dataclass
@@ -52,6 +59,10 @@ class ExperimentConfig:
     context: int = 256
     eval_windows: int = 1024
     n_boot: int = 200
+    # Before the design, one run at the shallowest depth at constant lr, evaluated pilot_evals times,
+    # finds where the loss curve reaches its power-law tail; no rung trains on fewer tokens than that.
+    pilot: bool = True
+    pilot_evals: int = 32
     seed: int = 1337
     precision: str = "auto"
     hardware: str = "cpu"
@@ -73,16 +84,89 @@ def _prepare_data(cfg: ExperimentConfig, out: Path, say) -> Path:
     return data
 
 
-def _design(cfg: ExperimentConfig, out: Path, data: Path, say) -> tuple[dict, list[dict]]:
+def ladder_base(cfg: ExperimentConfig) -> LadderConfig:
+    """The size rules every rung and target of the experiment follows."""
+    # One warmup rule for rungs and targets alike: 200 steps, at most half the run (warmup_frac 0).
+    return LadderConfig(aspect=cfg.aspect, context=cfg.context, eval_windows=cfg.eval_windows, seed=cfg.seed,
+                        precision=cfg.precision, hardware=cfg.hardware, warmup_frac=0.0, batch_ref=cfg.batch_ref)
+
+
+def pilot_config(cfg: ExperimentConfig, data: Path, out_dir: Path, vocab_size: int) -> TrainConfig:
+    """The pilot: the shallowest depth on as many tokens as its largest possible rung (a tenth of
+    the smallest target, within one epoch), at constant lr after the common warmup, evaluated
+    ``pilot_evals`` times on a quarter of the ladder's val windows."""
+    base = ladder_base(cfg)
+    spec = run_spec("pilot", PILOT_DEPTH, 1, base, vocab_size)
+    _, td = open_tokens(data)
+    tokens = min(min(cfg.target_flops) / 10 / spec["flops_per_token"], len(td.split("train")))
+    spec = run_spec("pilot", PILOT_DEPTH, tokens, base, vocab_size)
+    tcfg = rung_train_config(spec, base, str(data), out_dir)
+    tcfg.model.vocab_size = vocab_size
+    tcfg.schedule, tcfg.warmup_steps = "constant", base.warmup_min_steps
+    tcfg.eval_every = max(1, spec["steps"] // cfg.pilot_evals)
+    tcfg.eval_batches = max(1, cfg.eval_windows // 4 // spec["batch_size"])
+    return tcfg
+
+
+def _pilot(cfg: ExperimentConfig, out: Path, data: Path, say) -> dict | None:
+    """Where this corpus's loss curve reaches its tail (``pilot.json``), measured once."""
+    if not cfg.pilot:
+        return None
+    path = out / PILOT_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    _, td = open_tokens(data)
+    tcfg = pilot_config(cfg, data, out / "pilot", td.vocab_size)
+    say(f"pilot: depth {PILOT_DEPTH}, {tcfg.max_steps} steps at constant lr, {cfg.pilot_evals} evaluations")
+    man = train(tcfg, resume="auto", progress=False)
+    per_step = tcfg.batch_size * tcfg.model.context
+    curve = [(s * per_step, v) for s, v in val_curve(out / "pilot")]
+    try:
+        onset = tail_onset(curve, after_tokens=tcfg.warmup_steps * per_step)
+    except ValueError as e:
+        raise LmforgeError(f"{out / 'pilot'}: {e}; the pilot is as long as the largest rung may be, so raise "
+                           "--target-flops") from None
+    m = man["metrics"]
+    rec = {"depth": PILOT_DEPTH, "tokens": m["tokens"], "flops": m["model_flops"], "train_time_s": m["train_time_s"],
+           "flops_per_s": m["model_flops"] / max(m["train_time_s"], 1e-9), "curve": curve,
+           "onset_tokens": onset["onset_tokens"], "slopes": onset["slopes"], "reason": onset["reason"]}
+    atomic_write_json(path, rec)
+    return rec
+
+
+def _infeasible(cfg: ExperimentConfig, err: LmforgeError, pilot: dict, base: LadderConfig, vocab: int,
+                max_tokens: float) -> LmforgeError:
+    """The design error, with the smallest targets (same ratios) whose ladder would keep the rules
+    and about how long that experiment would take at the pilot's measured rate."""
+    found = smallest_feasible(cfg.target_flops, base, vocab, max_tokens, target_depths=cfg.target_depths or None,
+                              min_steps=cfg.min_steps, min_tokens=pilot["onset_tokens"], reserved=pilot["flops"])
+    if found is None:
+        return LmforgeError(f"{err}; no target budget within 10,000x keeps them on this corpus")
+    scale, d = found
+    total = pilot["flops"] + sum(run_spec("", int(k), t, d["ladder"], vocab)["flops"]
+                                 for k, bs in d["ladder"].budgets.items() for t in bs) + sum(t["flops"] for t in d["targets"])
+    hours = total / pilot["flops_per_s"] / 3600
+    return LmforgeError(f"{err}. The pilot reached its tail at {pilot['onset_tokens']:.3g} tokens; the smallest targets "
+                        f"in the same ratios that keep every rule are --target-flops "
+                        f"{','.join(f'{c * scale:.2g}' for c in cfg.target_flops)}, about {hours:.1f} device-hours for "
+                        f"the whole experiment at the pilot's {pilot['flops_per_s']:.3g} FLOP/s")
+
+
+def _design(cfg: ExperimentConfig, out: Path, data: Path, say, pilot: dict | None = None) -> tuple[dict, list[dict]]:
     """The ladder plan and the targets, designed once and then read back."""
     ladder_dir = out / "ladder"
     if not (out / DESIGN_FILE).exists():
         _, td = open_tokens(data)
-        # One warmup rule for rungs and targets alike: 200 steps, at most half the run (warmup_frac 0).
-        base = LadderConfig(aspect=cfg.aspect, context=cfg.context, eval_windows=cfg.eval_windows, seed=cfg.seed,
-                            precision=cfg.precision, hardware=cfg.hardware, warmup_frac=0.0, batch_ref=cfg.batch_ref)
-        d = design_ladder(cfg.target_flops, base, td.vocab_size, max_tokens=len(td.split("train")),
-                          target_depths=cfg.target_depths or None, min_steps=cfg.min_steps)
+        base, max_tokens = ladder_base(cfg), len(td.split("train"))
+        tail = {"min_tokens": pilot["onset_tokens"], "reserved": pilot["flops"]} if pilot else {}
+        try:
+            d = design_ladder(cfg.target_flops, base, td.vocab_size, max_tokens=max_tokens,
+                              target_depths=cfg.target_depths or None, min_steps=cfg.min_steps, **tail)
+        except LmforgeError as e:
+            raise (_infeasible(cfg, e, pilot, base, td.vocab_size, max_tokens) if pilot else e) from None
+        if pilot:
+            d["notes"].append(f"every rung trains on at least {pilot['onset_tokens']:.3g} tokens, where the pilot's "
+                              f"loss curve reached its tail ({pilot['reason']})")
         create_ladder(ladder_dir, d["ladder"], str(data))
         atomic_write_json(out / DESIGN_FILE, {"targets": d["targets"], "rung_cap_flops": d["rung_cap_flops"],
                                               "notes": d["notes"]})
@@ -143,7 +227,12 @@ def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = Tr
     atomic_write_json(cfg_path, asdict(cfg))
 
     data = _prepare_data(cfg, out, say)
-    ladder, targets = _design(cfg, out, data, say)
+    pilot = _pilot(cfg, out, data, say)
+    if pilot and pilot["onset_tokens"] is None:
+        raise LmforgeError(f"{out / PILOT_FILE}: the pilot's loss curve is {pilot['reason'].split(':')[0]}; it trained "
+                           "as long as the largest rung may, so every rung would stop before the tail the targets "
+                           "reach: raise --target-flops")
+    ladder, targets = _design(cfg, out, data, say, pilot)
     ladder_dir = out / "ladder"
     if len(ladder["rungs"]) < 5:
         raise LmforgeError(f"{ladder_dir}: only {len(ladder['rungs'])} rungs fit the rules, and a fit needs 5; "
@@ -228,7 +317,9 @@ def build_report(out: Path, cfg: ExperimentConfig, ladder: dict, made: dict, tar
                             r["flops"] for r in rungs), "epochs": m["epochs"], "train_time_s": m["train_time_s"],
                         "mfu": m.get("mfu"), "guard": m.get("guard")})
     points = [Point(**q) for q in fitd["points"]]
-    ledg = ledger([ladder_dir, *target_dirs])
+    pilot_dir = out / "pilot"
+    ledg = ledger([*([pilot_dir] if pilot_dir.exists() else []), ladder_dir, *target_dirs])
+    pilot = json.loads((out / PILOT_FILE).read_text()) if (out / PILOT_FILE).exists() else None
     fcs = [{**e["forecast"], "actual": t["actual"]} for e, t in zip(made["targets"], targets)]
     png = plot_fit(fit_dir, out / "scaling.png", forecasts=fcs)
     return {
@@ -237,7 +328,7 @@ def build_report(out: Path, cfg: ExperimentConfig, ladder: dict, made: dict, tar
         "machine": {"cpu": cpu_name(), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "precision": sorted(p for p in precisions if p), "rungs": rungs,
-        "ladder_flops": ladder["total_flops"], "design_notes": json.loads((out / DESIGN_FILE).read_text())["notes"],
+        "pilot": pilot, "ladder_flops": ladder["total_flops"], "design_notes": json.loads((out / DESIGN_FILE).read_text())["notes"],
         "fit": {"form": law.chosen if law else "ND", "params": nd.params, "stderr": nd.stderr, "rmse_log": nd.rmse_log,
                 "warnings": nd.warnings, "selection": law.selection if law else None, "backtest_calibration": law.backtests if law else None,
                 "backtest": backtest(points),

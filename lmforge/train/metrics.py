@@ -49,3 +49,20 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb:
             self.tb.close()
+
+
+def read_records(run_dir) -> list[dict]:
+    """Every record of a run's ``metrics.jsonl``; a torn last line (a crash mid-write) is skipped."""
+    path = Path(run_dir) / METRICS
+    recs = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        try:
+            recs.append(json.loads(ln))
+        except json.JSONDecodeError:
+            pass
+    return recs
+
+
+def val_curve(run_dir) -> list[tuple[int, float]]:
+    """(step, val loss) of every evaluation of a run, in order."""
+    return [(r["step"], r["val_loss"]) for r in read_records(run_dir) if "val_loss" in r]

@@ -1,0 +1,90 @@
+"""Where does a small model's loss curve reach its power-law tail?
+
+A ladder can only forecast a target if its rungs sit on the same smooth stretch of the loss
+curve as the target. Small models on code first sit on a plateau and then drop steeply (the
+rungs of the recorded experiment stopped before the drop, the targets went through it;
+docs/scaling.md). This trains one model per depth at constant learning rate after warmup, with
+the ladder's size rules, evaluates it often on the ladder's fixed val windows, and prints the val
+curve with its local log-log slope, so the onset of the tail can be read off
+(:func:`lmforge.scaling.regime.tail_onset`).
+
+    --data is a tokenized data run (`lmforge data ... --tokenizer DIR`, or an experiment's OUT/data).
+
+    python bench/regime_pilot.py --data runs/scaling/data --depths 2 --tokens 16e6
+    # two pilots side by side, a core each:
+    OMP_NUM_THREADS=1 python bench/regime_pilot.py --data runs/scaling/data --depths 3 --tokens 10e6 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from lmforge.cost.hw import cpu_name
+from lmforge.data.shards import open_tokens
+from lmforge.model.model import ModelConfig, param_counts
+from lmforge.rundir import is_complete, read_manifest
+from lmforge.scaling.ladder import LadderConfig, rung_hparams
+from lmforge.scaling.regime import tail_onset
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import val_curve
+from lmforge.train.trainer import train
+
+
+def pilot_config(depth: int, tokens: float, n_evals: int, data: Path, out: Path, lc: LadderConfig,
+                 vocab: int) -> TrainConfig:
+    model = ModelConfig(depth=depth, aspect=lc.aspect, vocab_size=vocab, context=lc.context)
+    hp = rung_hparams(model, lc)
+    steps = max(10, round(tokens / (hp["batch_size"] * lc.context)))
+    return TrainConfig(data=str(data), out=str(out), model=model, batch_size=hp["batch_size"], max_steps=steps,
+                       lr=hp["lr"], warmup_steps=lc.warmup_min_steps, schedule="constant",
+                       eval_every=max(1, steps // n_evals), eval_batches=lc.eval_windows // hp["batch_size"],
+                       ckpt_every=max(50, steps // 5), log_every=max(1, steps // 50), seed=lc.seed,
+                       precision="fp32", hardware="cpu")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--depths", default="2")
+    ap.add_argument("--tokens", type=float, default=12e6, help="train tokens per pilot")
+    ap.add_argument("--evals", type=int, default=48, help="val evaluations over the run")
+    ap.add_argument("--aspect", type=int, default=32)
+    ap.add_argument("--batch-ref", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("runs/pilot"))
+    a = ap.parse_args()
+    _, td = open_tokens(a.data)
+    lc = LadderConfig(depths=[2], tokens=[1e6], precision="fp32", aspect=a.aspect, batch_ref=a.batch_ref)
+    rows = []
+    for depth in (int(d) for d in a.depths.split(",")):
+        cfg = pilot_config(depth, a.tokens, a.evals, a.data, a.out / f"d{depth}-{a.tokens / 1e6:g}M", lc,
+                           td.vocab_size)
+        if not is_complete(cfg.out, "train"):
+            print(f"depth {depth}: {cfg.max_steps} steps of {cfg.batch_size} x {cfg.model.context} tokens, "
+                  f"lr {cfg.lr:g} constant after {cfg.warmup_steps} warmup steps", flush=True)
+            train(cfg, resume="auto", progress=False)
+        man = read_manifest(cfg.out)
+        per_step = cfg.batch_size * cfg.model.context
+        curve = [(s * per_step, v) for s, v in val_curve(cfg.out)]
+        onset = tail_onset(curve, after_tokens=cfg.warmup_steps * per_step)
+        print(f"\ndepth {depth} (N={param_counts(cfg.model)['non_embedding']:,}), "
+              f"{man['metrics']['train_time_s']:.0f} s:")
+        print(f"{'tokens':>10} {'val loss':>9} {'slope':>7}")
+        for (tok, v), g in zip(onset["anchors"], [None] + onset["slopes"]):
+            print(f"{tok / 1e6:9.2f}M {v:9.4f} {'' if g is None else f'{g:7.3f}'}")
+        print(f"tail onset: {onset['onset_tokens'] or 0:.3g} tokens ({onset['reason']})")
+        rows.append({"depth": depth, "N": param_counts(cfg.model)["non_embedding"], "batch_size": cfg.batch_size,
+                     "lr": cfg.lr, "curve": curve, "onset": {k: onset[k] for k in ("onset_tokens", "reason", "slopes")}, "train_time_s": man["metrics"]["train_time_s"]})
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"pilot-d{a.depths.replace(',', '')}.json").write_text(json.dumps(
+        {"cpu": cpu_name(), "cores": os.cpu_count(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vocab": td.vocab_size,
+         "aspect": a.aspect, "batch_ref": a.batch_ref, "pilots": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
