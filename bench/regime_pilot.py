@@ -76,7 +76,8 @@ def main() -> int:
         print(f"{'tokens':>10} {'val loss':>9} {'slope':>7}")
         for (tok, v), g in zip(onset["anchors"], [None] + onset["slopes"]):
             print(f"{tok / 1e6:9.2f}M {v:9.4f} {'' if g is None else f'{g:7.3f}'}")
-        print(f"tail onset: {onset['onset_tokens'] or 0:.3g} tokens ({onset['reason']})")
+        at = f"{onset['onset_tokens']:.3g} tokens" if onset["onset_tokens"] else "not reached"
+        print(f"tail onset: {at} ({onset['reason']})")
         rows.append({"depth": depth, "N": param_counts(cfg.model)["non_embedding"], "batch_size": cfg.batch_size,
                      "lr": cfg.lr, "curve": curve, "onset": {k: onset[k] for k in ("onset_tokens", "reason", "slopes")}, "train_time_s": man["metrics"]["train_time_s"]})
     a.out.mkdir(parents=True, exist_ok=True)

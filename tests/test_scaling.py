@@ -248,13 +248,13 @@ def test_experiment_pilot_sizes_the_rungs_or_names_the_budgets_that_would_do(med
     cfg = ExperimentConfig(sources=[str(corpus)], vocab_size=512, target_flops=[3e11, 5e11], target_depths=[2, 3],
                            aspect=16, min_steps=10, context=64, eval_windows=64, n_boot=10, pilot_evals=24)
     out = tmp_path / "exp"
-    with pytest.raises(LmforgeError, match=r"the smallest targets in the same ratios .* --target-flops ") as e:
+    with pytest.raises(LmforgeError, match=r"The smallest targets in the same ratios .* --target-flops ") as e:
         run_experiment(out, cfg, progress=False)
     pilot = json.loads((out / PILOT_FILE).read_text())
     assert pilot["onset_tokens"] > 0 and len(pilot["curve"]) >= 20
-    # The pilot trained as long as the largest rung may: a tenth of the smallest target.
-    assert 0.9 * 3e11 / 10 <= pilot["flops"] <= 3e11 / 10
-    suggested = [float(x) for x in re.search(r"--target-flops ([0-9.e+]+),([0-9.e+]+),", str(e.value)).groups()]
+    # The pilot trained the smallest target's depth on a sixth of its compute.
+    assert pilot["depth"] == 2 and 0.9 * 3e11 / 6 <= pilot["flops"] <= 3e11 / 6
+    suggested = [float(x) for x in re.search(r"--target-flops ([0-9.e+]+),([0-9.e+]+):", str(e.value)).groups()]
     assert suggested[0] > 3e11 and suggested[1] / suggested[0] == pytest.approx(5 / 3, rel=0.1)
     d = design_ladder(suggested, ladder_base(cfg), 512, max_tokens=1e9, target_depths=[2, 3], min_steps=10,
                       min_tokens=pilot["onset_tokens"], reserved=pilot["flops"])

@@ -125,19 +125,21 @@ def ladder_experiment_cmd(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Tokenizer vocabulary (default 4096)."),
     target: Optional[List[str]] = typer.Option(None, "--target", help="Train only this target (e.g. target2): one process "
                                                "per machine or device trains the targets side by side once the forecasts "
-                                               "exist. On one CPU, one process at a time is faster (two 1-thread processes "
-                                               "ran at a quarter of one 2-thread process each)."),
+                                               "exist. On one CPU, give each process its share of the cores with "
+                                               "OMP_NUM_THREADS (e.g. 1 each on 2 cores), or run one at a time."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file whose \\[experiment] table sets any key."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key, e.g. --set experiment.n_boot=100"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The recorded scaling experiment, end to end: data, ladder, fit, forecasts, targets, checks.
 
-    The ladder is designed from the targets (docs/scaling.md, "Designing the ladder"): depths
-    that bracket each target's, three token budgets per depth, each rung at most 1/10 and the
-    ladder at most 1/3 of the smallest target. Every target's forecast is written to
-    OUT/forecast.json, with its time, before the first target starts. With the defaults this
-    takes about 4 hours on 2 CPU cores.
+    First a pilot (OUT/pilot.json) trains the smallest target's depth on 1/6 of its compute and
+    finds where the loss curve reaches its power-law tail; no rung trains on fewer tokens.
+    The ladder is then designed from the targets (docs/scaling.md, "Designing the ladder"):
+    depths that bracket each target's, three token budgets per depth, each rung at most 1/10
+    and pilot plus ladder at most 1/3 of the smallest target. When the targets are too small
+    for that, it stops and names the smallest budgets that would do. Every target's forecast is
+    written to OUT/forecast.json, with its time, before the first target starts.
 
     Examples:
       lmforge ladder experiment -o runs/scaling

@@ -40,7 +40,7 @@ from lmforge.train.trainer import train
 FORECAST_FILE = "forecast.json"
 DESIGN_FILE = "design.json"
 PILOT_FILE = "pilot.json"
-PILOT_DEPTH = 2  # the shallowest depth a ladder uses (depth 1's curve has another shape: docs/scaling.md)
+PILOT_SHARE = 6.0  # the pilot spends at most 1/6 of the smallest target: half of what pilot and ladder may
 
 
 @dataclass
@@ -59,8 +59,8 @@ class ExperimentConfig:
     context: int = 256
     eval_windows: int = 1024
     n_boot: int = 200
-    # Before the design, one run at the shallowest depth at constant lr, evaluated pilot_evals times,
-    # finds where the loss curve reaches its power-law tail; no rung trains on fewer tokens than that.
+    # Before the design, one run at the smallest target's depth at constant lr, evaluated pilot_evals
+    # times, finds where the loss curve reaches its power-law tail; no rung trains on fewer tokens.
     pilot: bool = True
     pilot_evals: int = 32
     seed: int = 1337
@@ -91,15 +91,24 @@ def ladder_base(cfg: ExperimentConfig) -> LadderConfig:
                         precision=cfg.precision, hardware=cfg.hardware, warmup_frac=0.0, batch_ref=cfg.batch_ref)
 
 
-def pilot_config(cfg: ExperimentConfig, data: Path, out_dir: Path, vocab_size: int) -> TrainConfig:
-    """The pilot: the shallowest depth on as many tokens as its largest possible rung (a tenth of
-    the smallest target, within one epoch), at constant lr after the common warmup, evaluated
-    ``pilot_evals`` times on a quarter of the ladder's val windows."""
-    base = ladder_base(cfg)
-    spec = run_spec("pilot", PILOT_DEPTH, 1, base, vocab_size)
+def pilot_depth(cfg: ExperimentConfig, data: Path) -> int:
+    """The smallest target's depth, as designed without a token floor: the rungs there must be on
+    the tail for its forecast, and the deeper rungs reach the tail no later (docs/scaling.md)."""
     _, td = open_tokens(data)
-    tokens = min(min(cfg.target_flops) / 10 / spec["flops_per_token"], len(td.split("train")))
-    spec = run_spec("pilot", PILOT_DEPTH, tokens, base, vocab_size)
+    d = design_ladder(cfg.target_flops, ladder_base(cfg), td.vocab_size, max_tokens=len(td.split("train")),
+                      target_depths=cfg.target_depths or None, min_steps=cfg.min_steps)
+    return min(t["depth"] for t in d["targets"])
+
+
+def pilot_config(cfg: ExperimentConfig, data: Path, out_dir: Path, vocab_size: int) -> TrainConfig:
+    """The pilot: the smallest target's depth on 1/PILOT_SHARE of that target's compute (within
+    one epoch), at constant lr after the common warmup, evaluated ``pilot_evals`` times on a
+    quarter of the ladder's val windows."""
+    base, depth = ladder_base(cfg), pilot_depth(cfg, data)
+    _, td = open_tokens(data)
+    per_token = run_spec("pilot", depth, 1, base, vocab_size)["flops_per_token"]
+    tokens = min(min(cfg.target_flops) / PILOT_SHARE / per_token, len(td.split("train")))
+    spec = run_spec(f"pilot-d{depth}", depth, tokens, base, vocab_size)
     tcfg = rung_train_config(spec, base, str(data), out_dir)
     tcfg.model.vocab_size = vocab_size
     tcfg.schedule, tcfg.warmup_steps = "constant", base.warmup_min_steps
@@ -117,39 +126,46 @@ def _pilot(cfg: ExperimentConfig, out: Path, data: Path, say) -> dict | None:
         return json.loads(path.read_text())
     _, td = open_tokens(data)
     tcfg = pilot_config(cfg, data, out / "pilot", td.vocab_size)
-    say(f"pilot: depth {PILOT_DEPTH}, {tcfg.max_steps} steps at constant lr, {cfg.pilot_evals} evaluations")
+    say(f"pilot: depth {tcfg.model.depth}, {tcfg.max_steps} steps at constant lr, {cfg.pilot_evals} evaluations")
     man = train(tcfg, resume="auto", progress=False)
     per_step = tcfg.batch_size * tcfg.model.context
     curve = [(s * per_step, v) for s, v in val_curve(out / "pilot")]
     try:
         onset = tail_onset(curve, after_tokens=tcfg.warmup_steps * per_step)
     except ValueError as e:
-        raise LmforgeError(f"{out / 'pilot'}: {e}; the pilot is as long as the largest rung may be, so raise "
-                           "--target-flops") from None
+        raise LmforgeError(f"{out / 'pilot'}: {e}; the pilot trains on 1/{PILOT_SHARE:g} of the smallest target, "
+                           "so raise --target-flops") from None
     m = man["metrics"]
-    rec = {"depth": PILOT_DEPTH, "tokens": m["tokens"], "flops": m["model_flops"], "train_time_s": m["train_time_s"],
+    rec = {"depth": tcfg.model.depth, "tokens": m["tokens"], "flops": m["model_flops"], "train_time_s": m["train_time_s"],
            "flops_per_s": m["model_flops"] / max(m["train_time_s"], 1e-9), "curve": curve,
            "onset_tokens": onset["onset_tokens"], "slopes": onset["slopes"], "reason": onset["reason"]}
     atomic_write_json(path, rec)
     return rec
 
 
-def _infeasible(cfg: ExperimentConfig, err: LmforgeError, pilot: dict, base: LadderConfig, vocab: int,
-                max_tokens: float) -> LmforgeError:
-    """The design error, with the smallest targets (same ratios) whose ladder would keep the rules
-    and about how long that experiment would take at the pilot's measured rate."""
-    found = smallest_feasible(cfg.target_flops, base, vocab, max_tokens, target_depths=cfg.target_depths or None,
-                              min_steps=cfg.min_steps, min_tokens=pilot["onset_tokens"], reserved=pilot["flops"])
+def _infeasible(cfg: ExperimentConfig, err: str, pilot: dict, data: Path, min_tokens: float,
+                at_least: bool = False) -> LmforgeError:
+    """``err``, with the smallest targets (same ratios) whose ladder keeps the rules with rungs of
+    ``min_tokens`` or more, and about how long that experiment would take at the pilot's rate.
+    ``at_least``: the onset lies beyond ``min_tokens``, so those budgets are a lower bound."""
+    _, td = open_tokens(data)
+    base = ladder_base(cfg)
+    found = smallest_feasible(cfg.target_flops, base, td.vocab_size, len(td.split("train")),
+                              target_depths=cfg.target_depths or None, min_steps=cfg.min_steps, min_tokens=min_tokens,
+                              reserved=pilot["flops"])
     if found is None:
-        return LmforgeError(f"{err}; no target budget within 10,000x keeps them on this corpus")
+        return LmforgeError(f"{err}; no target budget within 10,000x keeps the rules within one epoch of this corpus")
     scale, d = found
-    total = pilot["flops"] + sum(run_spec("", int(k), t, d["ladder"], vocab)["flops"]
+    total = pilot["flops"] + sum(run_spec("", int(k), t, d["ladder"], td.vocab_size)["flops"]
                                  for k, bs in d["ladder"].budgets.items() for t in bs) + sum(t["flops"] for t in d["targets"])
     hours = total / pilot["flops_per_s"] / 3600
-    return LmforgeError(f"{err}. The pilot reached its tail at {pilot['onset_tokens']:.3g} tokens; the smallest targets "
-                        f"in the same ratios that keep every rule are --target-flops "
-                        f"{','.join(f'{c * scale:.2g}' for c in cfg.target_flops)}, about {hours:.1f} device-hours for "
-                        f"the whole experiment at the pilot's {pilot['flops_per_s']:.3g} FLOP/s")
+    budgets = ",".join(f"{c * scale:.2g}" for c in cfg.target_flops)
+    epochs = max(t["D"] for t in d["targets"]) / len(td.split("train"))
+    repeat = f", and a target would see {epochs:.1f} epochs of this corpus's train split" if epochs > 1 else ""
+    return LmforgeError(f"{err}. The smallest targets in the same ratios whose rungs all train on "
+                        f"{'more than ' if at_least else ''}{min_tokens:.3g} tokens are --target-flops {budgets}"
+                        f"{' at least' if at_least else ''}: about {hours:.1f} device-hours for the whole experiment "
+                        f"at the pilot's {pilot['flops_per_s']:.3g} FLOP/s{repeat}")
 
 
 def _design(cfg: ExperimentConfig, out: Path, data: Path, say, pilot: dict | None = None) -> tuple[dict, list[dict]]:
@@ -163,7 +179,7 @@ def _design(cfg: ExperimentConfig, out: Path, data: Path, say, pilot: dict | Non
             d = design_ladder(cfg.target_flops, base, td.vocab_size, max_tokens=max_tokens,
                               target_depths=cfg.target_depths or None, min_steps=cfg.min_steps, **tail)
         except LmforgeError as e:
-            raise (_infeasible(cfg, e, pilot, base, td.vocab_size, max_tokens) if pilot else e) from None
+            raise (_infeasible(cfg, str(e), pilot, data, pilot["onset_tokens"]) if pilot else e) from None
         if pilot:
             d["notes"].append(f"every rung trains on at least {pilot['onset_tokens']:.3g} tokens, where the pilot's "
                               f"loss curve reached its tail ({pilot['reason']})")
@@ -229,9 +245,10 @@ def run_experiment(out, cfg: ExperimentConfig | None = None, progress: bool = Tr
     data = _prepare_data(cfg, out, say)
     pilot = _pilot(cfg, out, data, say)
     if pilot and pilot["onset_tokens"] is None:
-        raise LmforgeError(f"{out / PILOT_FILE}: the pilot's loss curve is {pilot['reason'].split(':')[0]}; it trained "
-                           "as long as the largest rung may, so every rung would stop before the tail the targets "
-                           "reach: raise --target-flops")
+        raise _infeasible(cfg, f"{out / PILOT_FILE}: the pilot's loss curve is {pilot['reason'].split(':')[0]}; it "
+                               f"trained on 1/{PILOT_SHARE:g} of the smallest target, more than any rung may, so every "
+                               "rung would stop before the tail the targets reach", pilot, data, pilot["tokens"],
+                          at_least=True)
     ladder, targets = _design(cfg, out, data, say, pilot)
     ladder_dir = out / "ladder"
     if len(ladder["rungs"]) < 5:

@@ -54,9 +54,13 @@ def tail_onset(curve: list[tuple[float, float]], after_tokens: float = 0.0, rise
     k = rises[-1]
     while k + 1 < len(g) and g[k + 1] >= g[k]:  # climb to the top of the last rise
         k += 1
-    if k == len(g) - 1:
+    # The tail starts once the slope has fallen back by as much as a rise must climb; a slope that
+    # merely stops rising at the end of the curve may still be in the middle of the drop.
+    settled = next((j for j in range(k + 1, len(g)) if g[j] * (1 + rise) <= g[k]), None)
+    if settled is None:
         return {"onset_tokens": None, "slopes": g, "anchors": anchors,
-                "reason": f"still steepening at {anchors[-1][0]:.3g} tokens, the end of the curve: train the pilot longer"}
-    return {"onset_tokens": anchors[k + 1][0], "slopes": g, "anchors": anchors,
+                "reason": f"still steep at {anchors[-1][0]:.3g} tokens, the end of the curve (slope {g[-1]:.3f}, "
+                          f"steepest {g[k]:.3f}): train the pilot longer"}
+    return {"onset_tokens": anchors[settled][0], "slopes": g, "anchors": anchors,
             "reason": f"steepest at {anchors[k][0]:.3g}-{anchors[k + 1][0]:.3g} tokens (slope {g[k]:.3f}), "
-                      f"falling after"}
+                      f"{g[settled]:.3f} from {anchors[settled][0]:.3g}"}
