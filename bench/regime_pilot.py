@@ -26,25 +26,12 @@ from pathlib import Path
 
 from lmforge.cost.hw import cpu_name
 from lmforge.data.shards import open_tokens
-from lmforge.model.model import ModelConfig, param_counts
+from lmforge.model.model import param_counts
 from lmforge.rundir import is_complete, read_manifest
-from lmforge.scaling.ladder import LadderConfig, rung_hparams
-from lmforge.scaling.regime import tail_onset
-from lmforge.train.config import TrainConfig
-from lmforge.train.metrics import val_curve
+from lmforge.scaling.design import run_spec
+from lmforge.scaling.experiment import constant_lr_config, pilot_onset
+from lmforge.scaling.ladder import LadderConfig
 from lmforge.train.trainer import train
-
-
-def pilot_config(depth: int, tokens: float, n_evals: int, data: Path, out: Path, lc: LadderConfig,
-                 vocab: int) -> TrainConfig:
-    model = ModelConfig(depth=depth, aspect=lc.aspect, vocab_size=vocab, context=lc.context)
-    hp = rung_hparams(model, lc)
-    steps = max(10, round(tokens / (hp["batch_size"] * lc.context)))
-    return TrainConfig(data=str(data), out=str(out), model=model, batch_size=hp["batch_size"], max_steps=steps,
-                       lr=hp["lr"], warmup_steps=lc.warmup_min_steps, schedule="constant",
-                       eval_every=max(1, steps // n_evals), eval_batches=lc.eval_windows // hp["batch_size"],
-                       ckpt_every=max(50, steps // 5), log_every=max(1, steps // 50), seed=lc.seed,
-                       precision="fp32", hardware="cpu")
 
 
 def main() -> int:
@@ -61,16 +48,14 @@ def main() -> int:
     lc = LadderConfig(depths=[2], tokens=[1e6], precision="fp32", aspect=a.aspect, batch_ref=a.batch_ref)
     rows = []
     for depth in (int(d) for d in a.depths.split(",")):
-        cfg = pilot_config(depth, a.tokens, a.evals, a.data, a.out / f"d{depth}-{a.tokens / 1e6:g}M", lc,
-                           td.vocab_size)
+        spec = run_spec(f"d{depth}-{a.tokens / 1e6:g}M", depth, a.tokens, lc, td.vocab_size)
+        cfg = constant_lr_config(spec, lc, a.data, a.out / spec["name"], td.vocab_size, a.evals, lc.eval_windows)
         if not is_complete(cfg.out, "train"):
             print(f"depth {depth}: {cfg.max_steps} steps of {cfg.batch_size} x {cfg.model.context} tokens, "
                   f"lr {cfg.lr:g} constant after {cfg.warmup_steps} warmup steps", flush=True)
             train(cfg, resume="auto", progress=False)
         man = read_manifest(cfg.out)
-        per_step = cfg.batch_size * cfg.model.context
-        curve = [(s * per_step, v) for s, v in val_curve(cfg.out)]
-        onset = tail_onset(curve, after_tokens=cfg.warmup_steps * per_step)
+        curve, onset = pilot_onset(cfg)
         print(f"\ndepth {depth} (N={param_counts(cfg.model)['non_embedding']:,}), "
               f"{man['metrics']['train_time_s']:.0f} s:")
         print(f"{'tokens':>10} {'val loss':>9} {'slope':>7}")
@@ -79,7 +64,8 @@ def main() -> int:
         at = f"{onset['onset_tokens']:.3g} tokens" if onset["onset_tokens"] else "not reached"
         print(f"tail onset: {at} ({onset['reason']})")
         rows.append({"depth": depth, "N": param_counts(cfg.model)["non_embedding"], "batch_size": cfg.batch_size,
-                     "lr": cfg.lr, "curve": curve, "onset": {k: onset[k] for k in ("onset_tokens", "reason", "slopes")}, "train_time_s": man["metrics"]["train_time_s"]})
+                     "lr": cfg.lr, "curve": curve, "onset": {k: onset[k] for k in ("onset_tokens", "reason", "slopes")},
+                     "train_time_s": man["metrics"]["train_time_s"]})
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"pilot-d{a.depths.replace(',', '')}.json").write_text(json.dumps(
         {"cpu": cpu_name(), "cores": os.cpu_count(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vocab": td.vocab_size,

@@ -54,6 +54,11 @@ def run_spec(name: str, depth: int, tokens: float, cfg: LadderConfig, vocab_size
             "warmup_steps": rung_warmup(steps, cfg)}
 
 
+def ladder_flops(budgets: dict, cfg: LadderConfig, vocab_size: int) -> float:
+    """The compute of every rung of per-depth token ``budgets`` ({"depth": [tokens, ...]})."""
+    return sum(run_spec("", int(d), t, cfg, vocab_size)["flops"] for d, bs in budgets.items() for t in bs)
+
+
 def pick_target_depths(target_flops: list[float], cfg: LadderConfig, vocab_size: int, max_tokens: float,
                        max_depth: int = 48) -> list[int]:
     """Rule 1: per target, the depth nearest 20 tokens per parameter, all distinct, within one epoch."""
@@ -139,7 +144,7 @@ def _design(target_flops: list[float], depths_t: list[int], cfg: LadderConfig, v
             else:
                 budgets[str(depth)] = b
         if budgets is not None and cap <= top_cap:
-            total = sum(run_spec("", int(d), t, cfg, vocab_size)["flops"] for d, bs in budgets.items() for t in bs)
+            total = ladder_flops(budgets, cfg, vocab_size)
             if total + reserved <= smallest / ladder_share:
                 break
         cap *= 0.95

@@ -27,7 +27,7 @@ from lmforge.cost.ledger import ledger
 from lmforge.data.shards import INDEX, open_tokens
 from lmforge.errors import LmforgeError
 from lmforge.rundir import atomic_write_json, atomic_write_text, is_complete, read_manifest
-from lmforge.scaling.design import design_ladder, run_spec, smallest_feasible
+from lmforge.scaling.design import design_ladder, ladder_flops, run_spec, smallest_feasible
 from lmforge.scaling.fit import Point, backtest
 from lmforge.scaling.forecast import check_forecast, fit_runs, forecast, load_fit, load_law, plot_fit, train_with_forecast
 from lmforge.scaling.ladder import LadderConfig, create_ladder, load_ladder, run_ladder, rung_train_config
@@ -91,30 +91,43 @@ def ladder_base(cfg: ExperimentConfig) -> LadderConfig:
                         precision=cfg.precision, hardware=cfg.hardware, warmup_frac=0.0, batch_ref=cfg.batch_ref)
 
 
-def pilot_depth(cfg: ExperimentConfig, data: Path) -> int:
+def pilot_depth(cfg: ExperimentConfig, vocab_size: int, max_tokens: float) -> int:
     """The smallest target's depth, as designed without a token floor: the rungs there must be on
     the tail for its forecast, and the deeper rungs reach the tail no later (docs/scaling.md)."""
-    _, td = open_tokens(data)
-    d = design_ladder(cfg.target_flops, ladder_base(cfg), td.vocab_size, max_tokens=len(td.split("train")),
+    d = design_ladder(cfg.target_flops, ladder_base(cfg), vocab_size, max_tokens=max_tokens,
                       target_depths=cfg.target_depths or None, min_steps=cfg.min_steps)
     return min(t["depth"] for t in d["targets"])
 
 
-def pilot_config(cfg: ExperimentConfig, data: Path, out_dir: Path, vocab_size: int) -> TrainConfig:
-    """The pilot: the smallest target's depth on 1/PILOT_SHARE of that target's compute (within
-    one epoch), at constant lr after the common warmup, evaluated ``pilot_evals`` times on a
-    quarter of the ladder's val windows."""
-    base, depth = ladder_base(cfg), pilot_depth(cfg, data)
-    _, td = open_tokens(data)
-    per_token = run_spec("pilot", depth, 1, base, vocab_size)["flops_per_token"]
-    tokens = min(min(cfg.target_flops) / PILOT_SHARE / per_token, len(td.split("train")))
-    spec = run_spec(f"pilot-d{depth}", depth, tokens, base, vocab_size)
+def constant_lr_config(spec: dict, base: LadderConfig, data: Path, out_dir: Path, vocab_size: int, n_evals: int,
+                       eval_windows: int) -> TrainConfig:
+    """A pilot run of ``spec`` (design.run_spec): the size rules' lr and batch, constant after the
+    common warmup, evaluated ``n_evals`` times on ``eval_windows`` val windows."""
     tcfg = rung_train_config(spec, base, str(data), out_dir)
     tcfg.model.vocab_size = vocab_size
     tcfg.schedule, tcfg.warmup_steps = "constant", base.warmup_min_steps
-    tcfg.eval_every = max(1, spec["steps"] // cfg.pilot_evals)
-    tcfg.eval_batches = max(1, cfg.eval_windows // 4 // spec["batch_size"])
+    tcfg.eval_every = max(1, spec["steps"] // n_evals)
+    tcfg.eval_batches = max(1, eval_windows // spec["batch_size"])
     return tcfg
+
+
+def pilot_onset(tcfg: TrainConfig) -> tuple[list[tuple[int, float]], dict]:
+    """A finished pilot's val curve in tokens, and where it reached its tail (regime.tail_onset)."""
+    per_step = tcfg.batch_size * tcfg.model.context
+    curve = [(s * per_step, v) for s, v in val_curve(tcfg.out)]
+    return curve, tail_onset(curve, after_tokens=tcfg.warmup_steps * per_step)
+
+
+def pilot_config(cfg: ExperimentConfig, data: Path, out_dir: Path) -> TrainConfig:
+    """The pilot: the smallest target's depth on 1/PILOT_SHARE of that target's compute (within
+    one epoch), evaluated ``pilot_evals`` times on a quarter of the ladder's val windows."""
+    _, td = open_tokens(data)
+    base, max_tokens = ladder_base(cfg), len(td.split("train"))
+    depth = pilot_depth(cfg, td.vocab_size, max_tokens)
+    per_token = run_spec("pilot", depth, 1, base, td.vocab_size)["flops_per_token"]
+    tokens = min(min(cfg.target_flops) / PILOT_SHARE / per_token, max_tokens)
+    spec = run_spec(f"pilot-d{depth}", depth, tokens, base, td.vocab_size)
+    return constant_lr_config(spec, base, data, out_dir, td.vocab_size, cfg.pilot_evals, cfg.eval_windows // 4)
 
 
 def _pilot(cfg: ExperimentConfig, out: Path, data: Path, say) -> dict | None:
@@ -124,14 +137,11 @@ def _pilot(cfg: ExperimentConfig, out: Path, data: Path, say) -> dict | None:
     path = out / PILOT_FILE
     if path.exists():
         return json.loads(path.read_text())
-    _, td = open_tokens(data)
-    tcfg = pilot_config(cfg, data, out / "pilot", td.vocab_size)
+    tcfg = pilot_config(cfg, data, out / "pilot")
     say(f"pilot: depth {tcfg.model.depth}, {tcfg.max_steps} steps at constant lr, {cfg.pilot_evals} evaluations")
     man = train(tcfg, resume="auto", progress=False)
-    per_step = tcfg.batch_size * tcfg.model.context
-    curve = [(s * per_step, v) for s, v in val_curve(out / "pilot")]
     try:
-        onset = tail_onset(curve, after_tokens=tcfg.warmup_steps * per_step)
+        curve, onset = pilot_onset(tcfg)
     except ValueError as e:
         raise LmforgeError(f"{out / 'pilot'}: {e}; the pilot trains on 1/{PILOT_SHARE:g} of the smallest target, "
                            "so raise --target-flops") from None
@@ -156,8 +166,8 @@ def _infeasible(cfg: ExperimentConfig, err: str, pilot: dict, data: Path, min_to
     if found is None:
         return LmforgeError(f"{err}; no target budget within 10,000x keeps the rules within one epoch of this corpus")
     scale, d = found
-    total = pilot["flops"] + sum(run_spec("", int(k), t, d["ladder"], td.vocab_size)["flops"]
-                                 for k, bs in d["ladder"].budgets.items() for t in bs) + sum(t["flops"] for t in d["targets"])
+    total = (pilot["flops"] + ladder_flops(d["ladder"].budgets, d["ladder"], td.vocab_size)
+             + sum(t["flops"] for t in d["targets"]))
     hours = total / pilot["flops_per_s"] / 3600
     budgets = ",".join(f"{c * scale:.2g}" for c in cfg.target_flops)
     epochs = max(t["D"] for t in d["targets"]) / len(td.split("train"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from lmforge.rundir import read_manifest
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.guard import QUARANTINE, read_events
-from lmforge.train.metrics import METRICS
+from lmforge.train.metrics import read_records
 from lmforge.train.workload import TRAINING_STAGES
 
 
@@ -16,14 +16,7 @@ def run_status(run_dir) -> dict:
     """Plain data about a run: status, progress, last losses, events, quarantine, checkpoints."""
     run_dir = Path(run_dir)
     man = read_manifest(run_dir, expect_stage=TRAINING_STAGES)
-    recs = []
-    mpath = run_dir / METRICS
-    if mpath.exists():
-        for ln in mpath.read_text().splitlines():
-            try:
-                recs.append(json.loads(ln))
-            except json.JSONDecodeError:
-                pass
+    recs = read_records(run_dir)
     train_recs = [r for r in recs if "loss" in r]
     val_recs = [r for r in recs if "val_loss" in r]
     events = read_events(run_dir)
