@@ -30,7 +30,7 @@ from lmforge.rundir import MANIFEST, Manifest, atomic_write_json, hash_file, has
 from lmforge.tokenizer.encode import build_token_data
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.config import TrainConfig
-from lmforge.train.metrics import METRICS
+from lmforge.train.metrics import read_records
 from lmforge.train.trainer import train
 
 
@@ -86,7 +86,7 @@ def plot_loss(train_dir: Path, out_png: Path, unigram: float | None = None) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in (train_dir / METRICS).read_text().splitlines() if ln.strip()]
+    recs = read_records(train_dir)  # a torn last line (a crash mid-write) does not stop the plot
     tr = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
     tokens_per_step = tr[0][0] / next(r["step"] for r in recs if "loss" in r) if tr else 1
     va = [(r["step"] * tokens_per_step, r["val_loss"]) for r in recs if "val_loss" in r]

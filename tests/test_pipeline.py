@@ -37,3 +37,13 @@ def test_run_pipeline_end_to_end_and_rerun_skips_finished_stages(tmp_path):
         assert (out / s / "manifest.json").read_text() == text
     for line in ("run directory:", "val loss curve:", "HF export:", "samples:"):
         assert line in res.stdout
+
+
+def test_loss_plot_survives_a_torn_metrics_line(tmp_path):
+    from lmforge.pipeline import plot_loss
+
+    recs = [{"step": s, "tokens": 64 * s, "loss": 5.0 / s} for s in range(1, 6)] + [{"step": 5, "val_loss": 1.1}]
+    text = "".join(json.dumps(r) + "\n" for r in recs) + '{"step": 6, "tok'  # a crash mid-write
+    (tmp_path / "metrics.jsonl").write_text(text)
+    png = plot_loss(tmp_path, tmp_path / "loss.png")
+    assert png.stat().st_size > 1000
