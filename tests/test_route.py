@@ -17,6 +17,7 @@ from serving import free_port, serving
 from lmforge.cost.ledger import serve_usage
 from lmforge.errors import LmforgeError
 from lmforge.route.config import load_router
+from lmforge.route.evaluate import read_labelled, tier_passes
 from lmforge.route.policy import Classifier, apgr, cpt, pgr_curve, threshold_for_rate, train_classifier
 from lmforge.route.router import Router
 from lmforge.serve.app import ServeConfig, State, create_app
@@ -222,3 +223,50 @@ def test_router_eval_cli_reports_routellm_metrics(tmp_path, chat_base):
     assert ops["always_large"]["usd_per_1k"] > ops["always_small"]["usd_per_1k"]
     assert ops["random"]["share_large"] == ops["policy"]["share_large"]
     assert (tmp_path / "ev" / "routing.png").stat().st_size > 1000 and "APGR" in out.stdout
+
+
+TASKS = [{"prompt": "Write a function double(x) that returns twice x.\n", "entry_point": "double",
+          "doctest": ">>> double(3)\n6\n>>> double(-2)\n-4\n"},
+         {"prompt": "Write a function inc(x) that returns the sum of x and 1.\n", "entry_point": "inc",
+          "doctest": ">>> inc(3)\n4\n"},
+         {"prompt": "Write a function neg(x) that returns the negation of x.\n", "entry_point": "neg",
+          "doctest": ">>> neg(5)\n-5\n"},
+         {"prompt": "Write a function sq(x) that returns the square of x.\n", "entry_point": "sq",
+          "doctest": ">>> sq(3)\n9\n"}]
+
+
+class Scripted:
+    """A tier that answers each prompt from a table."""
+    chat = False
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, prompts, max_new_tokens, stop, sample):
+        assert sample.temperature == 0.0  # one greedy answer per task
+        return [self.answers[p] for p in prompts]
+
+
+def test_labels_by_execution_pass_only_answers_that_run_correctly(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    answers = {TASKS[0]["prompt"]: "```python\ndef double(x):\n    return 2 * x\n```\n",  # right
+               TASKS[1]["prompt"]: "def inc(x):\n    return x + 2\n",  # runs, wrong value
+               TASKS[2]["prompt"]: "```python\ndef neg(x):\n    return -x\n",  # right, the fence never closed
+               TASKS[3]["prompt"]: "def sq(x):\n    return x **\n"}  # does not parse
+    assert tier_passes(Scripted(answers), path) == [1.0, 0.0, 1.0, 0.0]
+    assert tier_passes(Scripted(answers), path, limit=2) == [1.0, 0.0]
+
+
+def test_router_label_cli_with_tasks_writes_pass_fail_rows(tmp_path, chat_base):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    out = run_cli("router", "label", "--small", chat_base, "--large", chat_base, "--tasks", path,
+                  "-o", tmp_path / "labelled.jsonl", "--max-new-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    rows = read_labelled(tmp_path / "labelled.jsonl")
+    assert [r["prompt"] for r in rows] == [t["prompt"] for t in TASKS]
+    assert all(r["quality"] == "pass" and r["small"] in (0.0, 1.0) and r["small"] == r["large"] for r in rows)
+    both = run_cli("router", "label", "--small", chat_base, "--large", chat_base, "--tasks", path, "-s", tmp_path,
+                   "-o", tmp_path / "x.jsonl")
+    assert both.returncode != 0 and "exactly one of --tasks" in both.stderr

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from lmforge.errors import LmforgeError
 from lmforge.route.config import load_router
 from lmforge.route.evaluate import evaluate_router, format_report, label_tasks, plot_report, read_labelled
 from lmforge.route.policy import train_classifier
@@ -20,20 +21,27 @@ router_app = typer.Typer(help="Tiered routing: label queries, train the classifi
 def label_cmd(
     small: str = typer.Option(..., "--small", help="The cheap tier's model directory."),
     large: str = typer.Option(..., "--large", help="The expensive tier's model directory."),
-    source: List[Path] = typer.Option(..., "--source", "-s", help="Held-out Python source (files or directories) "
-                                      "the models did not train on."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="Executable tasks (JSONL with prompt, entry_point, "
+                                         "doctest; e.g. `lmforge post-data`'s tasks_test.jsonl): quality is pass/fail."),
+    source: Optional[List[Path]] = typer.Option(None, "--source", "-s", help="Or held-out Python source (files or "
+                                                "directories) the models did not train on: quality is minus bits per byte."),
     out: Path = typer.Option(..., "--out", "-o", help="The labelled JSONL to write."),
-    limit: int = typer.Option(400, "--limit", help="Most queries."),
+    limit: int = typer.Option(400, "--limit", help="Most queries (0: every task)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer to a task."),
     seed: int = typer.Option(0, "--seed"),
 ):
-    """Label held-out code queries with each tier's quality: minus its bits per byte on the
-    function body, given the signature and docstring.
+    """Label held-out code queries with each tier's quality. With --tasks: 1 where the tier's greedy
+    answer passes the task's doctests when run, else 0. With --source: minus its bits per byte on
+    a function's body, given the signature and docstring.
 
-    Example: lmforge router label --small runs/small --large runs/default/train -s /usr/lib/python3/dist-packages/click -o runs/route/labelled.jsonl
+    Example: lmforge router label --small runs/small --large runs/large --tasks runs/post-data/tasks_test.jsonl -o runs/route/labelled.jsonl
     """
-    r = label_tasks(small, large, list(source), out, limit, seed=seed)
-    print(f"{out}: {r['queries']} queries; mean quality small {r['small_mean']:.4f}, large {r['large_mean']:.4f}; "
-          f"the large tier is better on {r['large_better_share']:.0%}")
+    if (tasks is None) == (not source):
+        raise LmforgeError("router label: give exactly one of --tasks (executable tasks) or --source (Python source)")
+    r = label_tasks(small, large, list(source or []), out, limit, seed=seed, tasks=tasks, max_new_tokens=max_new_tokens)
+    fmt = "{:.1%}" if r["quality"] == "pass" else "{:.4f}"
+    print(f"{out}: {r['queries']} queries; mean quality small {fmt.format(r['small_mean'])}, large "
+          f"{fmt.format(r['large_mean'])}; the large tier is better on {r['large_better_share']:.0%}")
 
 
 @router_app.command("train")

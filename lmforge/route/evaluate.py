@@ -1,9 +1,15 @@
 """Offline router evaluation in RouteLLM's terms, and the labelled data it needs.
 
-``label_tasks`` makes labelled queries from held-out Python source: the prompt is a function's
-signature and docstring, the reference is its body, and a tier's quality on the query is minus
-its bits per byte on the reference (lower loss is better; bytes, not tokens, so tiers with
-different tokenizers compare). ``evaluate_router`` scores every query with the router's policy
+``label_tasks`` makes labelled queries in one of two ways:
+
+- from executable tasks (post-training's task format: prompt, entry point, doctest), where a
+  tier's quality on a query is 1 when its greedy answer passes the task's doctests when run and
+  0 when it does not (``lmforge eval --tasks doctest:`` runs the same check);
+- from held-out Python source, where none exist: the prompt is a function's signature and
+  docstring, the reference is its body, and a tier's quality is minus its bits per byte on the
+  reference (lower loss is better; bytes, not tokens, so tiers with different tokenizers compare).
+
+``evaluate_router`` scores every query with the router's policy
 (the cascade's small-tier confidence, or the classifier's P(large)), and reports APGR, CPT(50%),
 CPT(80%), the operating point at the configured threshold, $ per 1,000 queries, and the same for
 random routing at that rate, always-small and always-large.
@@ -22,6 +28,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.lm import open_lm
+from lmforge.eval.tasks import TaskConfig, read_items, run_doctest
 from lmforge.post.tasks import functions
 from lmforge.route.config import RouterConfig
 from lmforge.route.policy import apgr, confidence, cpt, operating_point, pgr_curve, threshold_for_rate
@@ -67,18 +74,37 @@ def tier_quality(model_dir: str, rows: list[dict], work_dir: Path) -> list[float
     return out
 
 
+def tier_passes(lm, tasks: Path, limit: int = 0, max_new_tokens: int = 256) -> list[float]:
+    """1.0 where the tier's greedy answer passes its task's doctests when run, else 0.0."""
+    cfg = TaskConfig(samples=1, max_new_tokens=max_new_tokens, limit=limit)
+    return [float(r["passed"] > 0) for r in run_doctest(lm, str(tasks), cfg, f"doctest:{tasks}").items]
+
+
+def task_rows(tasks: Path, limit: int = 0) -> list[dict]:
+    """The prompts of an executable task file, in its order (as :func:`tier_passes` scores them)."""
+    items = read_items(str(tasks), {"prompt": ("prompt",), "entry_point": ("entry_point",),
+                                    "doctest": ("doctest",)}, "--tasks")
+    return [{"prompt": it["prompt"], "source": f"{tasks}:{it['id']}"} for it in items[: limit or None]]
+
+
 def label_tasks(small: str, large: str, roots: list[Path], out: Path, limit: int = 400, work_dir: Path | None = None,
-                seed: int = 0) -> dict:
-    rows = task_prompts(roots, limit, seed)
+                seed: int = 0, tasks: Path | None = None, max_new_tokens: int = 256) -> dict:
+    """Label queries with both tiers' quality: pass/fail on ``tasks`` when given, else minus bits
+    per byte on functions from ``roots``."""
     work = work_dir or out.parent / ".router-label"
-    qs, ql = tier_quality(small, rows, work), tier_quality(large, rows, work)
+    if tasks is not None:
+        rows, quality = task_rows(tasks, limit), "pass"
+        qs, ql = (tier_passes(open_lm(m, work, chat=False), tasks, limit, max_new_tokens) for m in (small, large))
+    else:
+        rows, quality = task_prompts(roots, limit, seed), "bpb"
+        qs, ql = tier_quality(small, rows, work), tier_quality(large, rows, work)
     tmp = out.with_suffix(".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
         for r, a, b in zip(rows, qs, ql):
-            f.write(json.dumps({**r, "small": a, "large": b}) + "\n")
+            f.write(json.dumps({**r, "small": a, "large": b, "quality": quality}) + "\n")
     tmp.replace(out)
-    return {"queries": len(rows), "small_mean": float(np.mean(qs)), "large_mean": float(np.mean(ql)),
+    return {"queries": len(rows), "quality": quality, "small_mean": float(np.mean(qs)), "large_mean": float(np.mean(ql)),
             "large_better_share": float(np.mean(np.asarray(ql) > np.asarray(qs)))}
 
 
@@ -193,7 +219,7 @@ def evaluate_router(cfg: RouterConfig, rows: list[dict], work_dir: Path, max_tok
                          "usd_per_1k": float(c_large.mean() * per_k)},
     }
     return {"router": str(cfg.path), "policy": cfg.policy, "confidence": cfg.confidence if cascade else None,
-            "threshold": s.threshold, "queries": len(rows), "apgr": apgr(shares, pgr), "apgr_random": 0.5, "apgr_oracle": oracle,
+            "quality": rows[0].get("quality", "bpb"), "threshold": s.threshold, "queries": len(rows), "apgr": apgr(shares, pgr), "apgr_random": 0.5, "apgr_oracle": oracle,
             "cpt50": cpt(shares, pgr, 0.5), "cpt80": cpt(shares, pgr, 0.8), "operating": rows_out,
             "curve": {"share_large": shares.tolist(), "pgr": pgr.tolist()},
             "pgr_at": {f"{int(x * 100)}%": float(np.interp(x, shares, pgr)) for x in (0.1, 0.2, 0.3, 0.4, 0.5)},
@@ -221,7 +247,7 @@ def plot_report(rep: dict, out: Path) -> Path:
     for name, r in rep["operating"].items():
         b.scatter([r["usd_per_1k"]], [r["quality"]], label=name.replace("_", " "))
     b.set_xlabel("$ per 1,000 queries")
-    b.set_ylabel("quality (minus bits per byte)" if rep.get("quality_is_bpb", True) else "quality")
+    b.set_ylabel("share of tasks passed" if rep.get("quality") == "pass" else "quality (minus bits per byte)")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
     fig.tight_layout()
@@ -232,7 +258,9 @@ def plot_report(rep: dict, out: Path) -> Path:
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"router {rep['router']}: {rep['policy']}, threshold {rep['threshold']:.4f}, {rep['queries']} queries",
+    what = "share of tasks passed" if rep.get("quality") == "pass" else "minus bits per byte"
+    lines = [f"router {rep['router']}: {rep['policy']}, threshold {rep['threshold']:.4f}, {rep['queries']} queries "
+             f"(quality: {what})",
              f"APGR {rep['apgr']:.3f} (random 0.500, oracle {rep['apgr_oracle']:.3f})   CPT(50%) {_pct(rep['cpt50'])}   CPT(80%) {_pct(rep['cpt80'])}",
              "", "| routing | large-tier calls | PGR | quality | $ per 1,000 queries |", "|---|---|---|---|---|"]
     for name, r in rep["operating"].items():
