@@ -32,7 +32,10 @@ UNARY = {"square": ("the square of {}", "({} ** 2)"),
          "abs": ("the absolute value of {}", "abs({})"),
          "twice": ("twice {}", "(2 * {})"),
          "negation": ("the negation of {}", "(-{})")}
-NAMES = ["f", "g", "h", "compute", "combine", "score", "value", "mix", "calc", "blend"]
+# One function name: what a task tests is reading the description. With ten names to copy from the
+# prompt, the depth-3 and depth-4 tiers here wrote the right expression under the wrong name on
+# most tasks after 8.2M tokens, while depth 2 did not, which measures name copying, not reading.
+NAMES = ["f"]
 ARGS = ["x", "y", "z", "a", "b", "n"]
 
 
