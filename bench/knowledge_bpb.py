@@ -11,6 +11,9 @@ scored three ways, with the same model and the same T tokens:
   local P+R      the P+R tokens before the window: as much context as retrieval gets, all local
   retrieval      the first R tokens of the best chunk for the query "the P tokens before the
                  window", an end-of-document token, then the same P tokens
+  copy           as retrieval, but the "chunk" is the R tokens that end with the window itself: an
+                 exact copy of what is scored. No retriever can place better text, so this row
+                 bounds what in-context material can give this model: it measures whether it copies
 
 `lmforge run`'s model trained on the standard library only, so a site-packages package is code it
 never saw. P + R + T is the model's context.
@@ -75,7 +78,7 @@ def main() -> None:
         build_index([str(src)], Path(tmp) / "kb.sqlite", IndexConfig(chunk_chars=800, overlap=200), progress=False)
         t_index = time.perf_counter() - t0
         index = open_index(Path(tmp) / "kb.sqlite")
-        local, longer, retrieved, n_bytes, n_windows = [], [], [], 0, 0
+        local, longer, retrieved, copied, n_bytes, n_windows = [], [], [], [], 0, 0
         for f in held:
             ids = lm.encode(f.read_text(encoding="utf-8"))
             for s in windows(ids, a.before + a.retrieved, a.window, a.per_file):
@@ -86,12 +89,14 @@ def main() -> None:
                 local.append((prev, target))
                 longer.append((ids[s - a.before - a.retrieved : s], target))
                 retrieved.append((extra + [lm.eos_id] + prev, target))
+                copied.append((ids[s + a.window - a.retrieved : s + a.window] + [lm.eos_id] + prev, target))
                 n_bytes += len(lm.decode(target).encode("utf-8"))
                 n_windows += 1
         index.close()
 
     bpb = {name: -score(lm, pairs) / math.log(2) / n_bytes
-           for name, pairs in (("local P", local), ("local P+R", longer), ("retrieval", retrieved))}
+           for name, pairs in (("local P", local), ("local P+R", longer), ("retrieval", retrieved),
+                                               ("copy", copied))}
     print(f"cpu: {cpu_name()}   model {a.model} (context {ctx})   package {a.package}: {len(held)} held-out files, "
           f"{len(indexed)} indexed ({t_index:.1f} s)   {n_windows} windows of {a.window} tokens, {n_bytes:,} bytes")
     print(f"P = {a.before}, R = {a.retrieved}, T = {a.window}\n")
