@@ -10,7 +10,8 @@ scored three ways, with the same model and the same T tokens:
   local P        the P tokens before the window (no retrieval)
   local P+R      the P+R tokens before the window: as much context as retrieval gets, all local
   retrieval      the first R tokens of the best chunk for the query "the P tokens before the
-                 window", an end-of-document token, then the same P tokens
+                 window", an end-of-document token, then the same P tokens (with --sep TEXT, the
+                 chunk's first tokens and TEXT's tokens make up the R instead)
   copy           as retrieval, but the "chunk" is the R tokens that end with the window itself: an
                  exact copy of what is scored. No retriever can place better text, so this row
                  bounds what in-context material can give this model: it measures whether it copies
@@ -56,6 +57,9 @@ def main() -> None:
     ap.add_argument("--retrieved", type=int, default=128, help="R: retrieved tokens")
     ap.add_argument("--window", type=int, default=32, help="T: tokens scored per window")
     ap.add_argument("--per-file", type=int, default=20, help="most windows per held-out file")
+    ap.add_argument("--sep", default="", help="text between the retrieved tokens and the local ones, in place "
+                    "of an end-of-document token: what a model trained by bench/retrieval_corpus.py saw there "
+                    "(backslash escapes such as \\n are read)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
@@ -78,6 +82,9 @@ def main() -> None:
         build_index([str(src)], Path(tmp) / "kb.sqlite", IndexConfig(chunk_chars=800, overlap=200), progress=False)
         t_index = time.perf_counter() - t0
         index = open_index(Path(tmp) / "kb.sqlite")
+        sep_text = a.sep.encode("ascii", "backslashreplace").decode("unicode_escape")
+        sep = lm.encode(sep_text) if sep_text else [lm.eos_id]
+        keep = a.retrieved - len(sep) + 1  # an end-of-document token is the one token past R
         local, longer, retrieved, copied, n_bytes, n_windows = [], [], [], [], 0, 0
         for f in held:
             ids = lm.encode(f.read_text(encoding="utf-8"))
@@ -85,11 +92,11 @@ def main() -> None:
                 target = ids[s : s + a.window]
                 prev = ids[s - a.before : s]
                 hits = index.search(lm.decode(prev), 1)
-                extra = lm.encode(hits[0].text)[: a.retrieved] if hits else []
+                extra = lm.encode(hits[0].text)[:keep] if hits else []
                 local.append((prev, target))
                 longer.append((ids[s - a.before - a.retrieved : s], target))
-                retrieved.append((extra + [lm.eos_id] + prev, target))
-                copied.append((ids[s + a.window - a.retrieved : s + a.window] + [lm.eos_id] + prev, target))
+                retrieved.append((extra + sep + prev, target))
+                copied.append((ids[s + a.window - keep : s + a.window] + sep + prev, target))
                 n_bytes += len(lm.decode(target).encode("utf-8"))
                 n_windows += 1
         index.close()
@@ -99,12 +106,13 @@ def main() -> None:
                                                ("copy", copied))}
     print(f"cpu: {cpu_name()}   model {a.model} (context {ctx})   package {a.package}: {len(held)} held-out files, "
           f"{len(indexed)} indexed ({t_index:.1f} s)   {n_windows} windows of {a.window} tokens, {n_bytes:,} bytes")
-    print(f"P = {a.before}, R = {a.retrieved}, T = {a.window}\n")
+    print(f"P = {a.before}, R = {a.retrieved}, T = {a.window}, separator {a.sep!r} ({len(sep)} tokens)\n")
     print("| context | bits per byte | vs local P |")
     print("|---|---|---|")
     for name, v in bpb.items():
         print(f"| {name} | {v:.4f} | {v / bpb['local P'] - 1:+.1%} |")
-    print(f"\ncommand: python bench/knowledge_bpb.py --model {a.model} --package {a.package}")
+    print(f"\ncommand: python bench/knowledge_bpb.py --model {a.model} --package {a.package}"
+          + (f" --sep {a.sep!r}" if a.sep else ""))
 
 
 if __name__ == "__main__":
