@@ -39,8 +39,11 @@ def chunks(text: str, size: int) -> list[str]:
 
 
 def documents(files: list[Path], chunk_chars: int = 800, neighbour_chars: int = 500, max_docs: int = 16000,
-              seed: int = 0) -> list[str]:
-    """One document per sampled chunk of ``files``: its best BM25 neighbour from another file, SEP, the chunk."""
+              seed: int = 0, copy_share: float = 0.0) -> list[str]:
+    """One document per sampled chunk of ``files``: its best BM25 neighbour from another file, SEP, the chunk.
+
+    In a ``copy_share`` of the documents the neighbour slot holds a span of the chunk itself instead,
+    so that the text after SEP repeats text before it: the signal that teaches a model to copy."""
     import bm25s  # an optional dependency, for this script only
 
     local = [(f, c) for f in files for c in chunks(f.read_text(encoding="utf-8", errors="replace"), chunk_chars)]
@@ -56,8 +59,12 @@ def documents(files: list[Path], chunk_chars: int = 800, neighbour_chars: int = 
     if not local:
         return []
     found, _ = retriever.retrieve([q for q in queries if q], k=min(30, len(pool)), show_progress=False, n_threads=1)
-    docs = []
+    docs, rng = [], random.Random(seed + 1)
     for (f, text), hits in zip(local, found):
+        if copy_share and rng.random() < copy_share:
+            start = rng.randrange(max(1, len(text) - neighbour_chars))
+            docs.append(text[start : start + neighbour_chars] + SEP + text)
+            continue
         other = next((int(j) for j in hits if pool[int(j)][0] != f), None)
         if other is not None:  # every close chunk was the file's own: no neighbour to learn from
             docs.append(pool[other][1][:neighbour_chars] + SEP + text)
@@ -70,12 +77,14 @@ def main() -> None:
     ap.add_argument("--chunk-chars", type=int, default=800, help="local text per document")
     ap.add_argument("--neighbour-chars", type=int, default=500, help="retrieved text per document")
     ap.add_argument("--max-docs", type=int, default=20000)
+    ap.add_argument("--copy-share", type=float, default=0.0,
+                    help="share of documents whose neighbour is a span of the chunk itself (teaches copying)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
     files = [p for p in default_corpus_paths("stdlib") if p.suffix == ".py" and p.stat().st_size > 2000]
     t0 = time.perf_counter()
-    docs = documents(files, a.chunk_chars, a.neighbour_chars, a.max_docs, a.seed)
+    docs = documents(files, a.chunk_chars, a.neighbour_chars, a.max_docs, a.seed, a.copy_share)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = a.out.with_suffix(".tmp")
     with tmp_out.open("w", encoding="utf-8") as out:

@@ -85,6 +85,29 @@ def test_causality():
     assert not torch.allclose(model(x)[0, 15:], model(x2)[0, 15:], atol=1e-3)
 
 
+def test_learns_to_copy_a_repeated_sequence():
+    """A sequence of random tokens followed by itself: only attention to the right earlier position
+    (a previous-token head feeding an induction head, which needs working RoPE) predicts the second
+    half, while the first half stays unpredictable. A leaky causal mask would make both easy."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(depth=2, vocab_size=256, context=128))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(80):
+        half = torch.randint(0, 256, (32, 64))
+        x = torch.cat([half, half], 1)
+        loss = m(x[:, :-1], targets=x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    half = torch.randint(0, 256, (32, 64))
+    x = torch.cat([half, half], 1)
+    with torch.no_grad():
+        lp = torch.log_softmax(m(x[:, :-1]), -1).gather(-1, x[:, 1:, None])[..., 0]
+    first, second = -lp[:, :63].mean().item(), -lp[:, 64:].mean().item()
+    assert first > 5.0  # log(256) = 5.55: nothing to predict from
+    assert second < 1.0, (first, second)
+
+
 @pytest.mark.parametrize("n_kv_head", [2, 1])
 def test_kv_cache_matches_full_forward(n_kv_head):
     torch.manual_seed(0)

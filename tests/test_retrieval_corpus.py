@@ -35,3 +35,16 @@ def test_neighbours_come_from_another_file_and_match(tmp_path):
         assert found and own[0] not in found, "the neighbour is never the chunk's own file"
         # BM25 picks the file that shares the chunk's words: parse* with parse*, draw* with draw*.
         assert found[0][:4] == own[0][:4]
+
+
+def test_copy_share_puts_a_span_of_the_chunk_before_it(tmp_path):
+    for name, words in (("a.py", ["load", "save"]), ("b.py", ["load", "dump"])):
+        (tmp_path / name).write_text(body(name[0], words))
+    paths = sorted(tmp_path.glob("*.py"))
+    docs = retrieval_corpus.documents(paths, chunk_chars=400, neighbour_chars=150, max_docs=20, copy_share=1.0)
+    assert docs
+    for doc in docs:
+        neighbour, _, local = doc.partition(retrieval_corpus.SEP)
+        assert len(neighbour) == 150 and neighbour in local
+    plain = retrieval_corpus.documents(paths, chunk_chars=400, neighbour_chars=150, max_docs=20)
+    assert not any(d.partition(retrieval_corpus.SEP)[0] in d.partition(retrieval_corpus.SEP)[2] for d in plain)
