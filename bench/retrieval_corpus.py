@@ -38,12 +38,18 @@ def chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size) if len(text[i : i + size]) >= size // 2]
 
 
+def _wrap(words: list[str], per_line: int) -> str:
+    return "\n".join(" ".join(words[i : i + per_line]) for i in range(0, len(words), per_line))
+
+
 def documents(files: list[Path], chunk_chars: int = 800, neighbour_chars: int = 500, max_docs: int = 16000,
-              seed: int = 0, copy_share: float = 0.0) -> list[str]:
+              seed: int = 0, copy_share: float = 0.0, scrambled_share: float = 0.0) -> list[str]:
     """One document per sampled chunk of ``files``: its best BM25 neighbour from another file, SEP, the chunk.
 
     In a ``copy_share`` of the documents the neighbour slot holds a span of the chunk itself instead,
-    so that the text after SEP repeats text before it: the signal that teaches a model to copy."""
+    so that the text after SEP repeats text before it: the signal that teaches a model to copy. In a
+    ``scrambled_share`` the document is the chunk's words in random order, SEP, the same words again
+    (wrapped at another width, so no line repeats): nothing but copying predicts the second half."""
     import bm25s  # an optional dependency, for this script only
 
     local = [(f, c) for f in files for c in chunks(f.read_text(encoding="utf-8", errors="replace"), chunk_chars)]
@@ -61,9 +67,16 @@ def documents(files: list[Path], chunk_chars: int = 800, neighbour_chars: int = 
     found, _ = retriever.retrieve([q for q in queries if q], k=min(30, len(pool)), show_progress=False, n_threads=1)
     docs, rng = [], random.Random(seed + 1)
     for (f, text), hits in zip(local, found):
-        if copy_share and rng.random() < copy_share:
+        r = rng.random() if copy_share or scrambled_share else 1.0
+        if r < copy_share:
             start = rng.randrange(max(1, len(text) - neighbour_chars))
             docs.append(text[start : start + neighbour_chars] + SEP + text)
+            continue
+        if r < copy_share + scrambled_share:
+            words = text.split()
+            rng.shuffle(words)
+            words = words[:80]
+            docs.append(_wrap(words, 8) + SEP + _wrap(words, 11))
             continue
         other = next((int(j) for j in hits if pool[int(j)][0] != f), None)
         if other is not None:  # every close chunk was the file's own: no neighbour to learn from
@@ -79,12 +92,15 @@ def main() -> None:
     ap.add_argument("--max-docs", type=int, default=20000)
     ap.add_argument("--copy-share", type=float, default=0.0,
                     help="share of documents whose neighbour is a span of the chunk itself (teaches copying)")
+    ap.add_argument("--scrambled-share", type=float, default=0.0,
+                    help="share of documents that are a chunk's words shuffled, SEP, the same words again")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
     files = [p for p in default_corpus_paths("stdlib") if p.suffix == ".py" and p.stat().st_size > 2000]
     t0 = time.perf_counter()
-    docs = documents(files, a.chunk_chars, a.neighbour_chars, a.max_docs, a.seed, a.copy_share)
+    docs = documents(files, a.chunk_chars, a.neighbour_chars, a.max_docs, a.seed, a.copy_share,
+                     a.scrambled_share)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = a.out.with_suffix(".tmp")
     with tmp_out.open("w", encoding="utf-8") as out:

@@ -48,3 +48,17 @@ def test_copy_share_puts_a_span_of_the_chunk_before_it(tmp_path):
         assert len(neighbour) == 150 and neighbour in local
     plain = retrieval_corpus.documents(paths, chunk_chars=400, neighbour_chars=150, max_docs=20)
     assert not any(d.partition(retrieval_corpus.SEP)[0] in d.partition(retrieval_corpus.SEP)[2] for d in plain)
+
+
+def test_scrambled_share_repeats_shuffled_words_on_other_lines(tmp_path):
+    for name, words in (("a.py", ["load", "save"]), ("b.py", ["load", "dump"])):
+        (tmp_path / name).write_text(body(name[0], words))
+    paths = sorted(tmp_path.glob("*.py"))
+    docs = retrieval_corpus.documents(paths, chunk_chars=400, neighbour_chars=150, max_docs=20, scrambled_share=1.0)
+    assert docs
+    originals = [" ".join(p.read_text().split()) for p in paths]
+    for doc in docs:
+        first, _, second = doc.partition(retrieval_corpus.SEP)
+        assert first.split() == second.split()  # the same words in the same order: copyable
+        assert not set(first.splitlines()) & set(second.splitlines())  # but no line repeats whole
+        assert not any(" ".join(first.split()) in o for o in originals)  # shuffled: not the file's own order
