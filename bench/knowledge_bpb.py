@@ -5,7 +5,7 @@ with and without the package's other files retrievable.
 
 The package's files are split by file: a fifth are the held-out targets, the rest are indexed
 (`lmforge.knowledge`, BM25). Each target file is cut into windows of T tokens; every window is
-scored three ways, with the same model and the same T tokens:
+scored four ways, with the same model and the same T tokens:
 
   local P        the P tokens before the window (no retrieval)
   local P+R      the P+R tokens before the window: as much context as retrieval gets, all local

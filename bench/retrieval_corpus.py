@@ -7,12 +7,13 @@ file, a separator line, then a chunk of the file itself.
 
 RETRO-style models learn to use their neighbours because they train with them in context; a model
 trained on plain files has never seen useful text before a file starts and barely copies from it
-(docs/knowledge.md, the "copy" row). Here the neighbour is found the way bench/knowledge_bpb.py finds
-it at test time, by BM25 over 800-character chunks (200 overlapping) of the standard library's .py
-files, queried with the chunk's first QUERY_CHARS characters, keeping the best hit from a different
-file. The neighbours come from bm25s (`pip install bm25s`), which answers 16,000 queries in one batch
-in seconds where one-at-a-time SQLite queries take minutes; the measurement itself uses
-lmforge.knowledge. The standard library only: site-packages, where the held-out package of the
+(docs/knowledge.md, the "copy" row). Here the neighbour is found much as bench/knowledge_bpb.py finds
+it at test time: by BM25 over 800-character slices of the standard library's .py files, starting
+every 600 characters (the measurement's index cuts chunks of the same size and overlap, but at line
+breaks), queried with the chunk's first QUERY_CHARS characters, keeping the best hit from a
+different file. The neighbours come from bm25s (`pip install bm25s`), which answers 16,000 queries
+in one batch in seconds where one-at-a-time SQLite queries take minutes; the measurement itself
+uses lmforge.knowledge. The standard library only: site-packages, where the held-out package of the
 measurement lives, is never read.
 """
 
@@ -52,11 +53,11 @@ def documents(files: list[Path], chunk_chars: int = 800, neighbour_chars: int = 
     (wrapped at another width, so no line repeats): nothing but copying predicts the second half."""
     import bm25s  # an optional dependency, for this script only
 
-    local = [(f, c) for f in files for c in chunks(f.read_text(encoding="utf-8", errors="replace"), chunk_chars)]
+    texts = {f: f.read_text(encoding="utf-8", errors="replace") for f in files}
+    local = [(f, c) for f, text in texts.items() for c in chunks(text, chunk_chars)]
     random.Random(seed).shuffle(local)
     local = local[:max_docs]
-    pool = [(f, text[i : i + 800]) for f in files for text in [f.read_text(encoding="utf-8", errors="replace")]
-            for i in range(0, max(1, len(text) - 200), 600)]
+    pool = [(f, text[i : i + 800]) for f, text in texts.items() for i in range(0, max(1, len(text) - 200), 600)]
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize([t for _, t in pool], show_progress=False), show_progress=False)
     queries = bm25s.tokenize([text[:QUERY_CHARS] for _, text in local], return_ids=False, show_progress=False)

@@ -37,10 +37,14 @@ def test_neighbours_come_from_another_file_and_match(tmp_path):
         assert found[0][:4] == own[0][:4]
 
 
-def test_copy_share_puts_a_span_of_the_chunk_before_it(tmp_path):
+def two_files(tmp_path) -> list[Path]:
     for name, words in (("a.py", ["load", "save"]), ("b.py", ["load", "dump"])):
         (tmp_path / name).write_text(body(name[0], words))
-    paths = sorted(tmp_path.glob("*.py"))
+    return sorted(tmp_path.glob("*.py"))
+
+
+def test_copy_share_puts_a_span_of_the_chunk_before_it(tmp_path):
+    paths = two_files(tmp_path)
     docs = retrieval_corpus.documents(paths, chunk_chars=400, neighbour_chars=150, max_docs=20, copy_share=1.0)
     assert docs
     for doc in docs:
@@ -51,9 +55,7 @@ def test_copy_share_puts_a_span_of_the_chunk_before_it(tmp_path):
 
 
 def test_scrambled_share_repeats_shuffled_words_on_other_lines(tmp_path):
-    for name, words in (("a.py", ["load", "save"]), ("b.py", ["load", "dump"])):
-        (tmp_path / name).write_text(body(name[0], words))
-    paths = sorted(tmp_path.glob("*.py"))
+    paths = two_files(tmp_path)
     docs = retrieval_corpus.documents(paths, chunk_chars=400, neighbour_chars=150, max_docs=20, scrambled_share=1.0)
     assert docs
     originals = [" ".join(p.read_text().split()) for p in paths]
